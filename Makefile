@@ -1,0 +1,46 @@
+# Two commands do everything (README):
+#   make test       install (if needed) + unit tests + every notebook in smoke mode (papermill)   < 25 min, 2 cores
+#   make reproduce  install (if needed) + every notebook in full mode into results/              < 60 min, 2 cores
+PY      ?= .venv/bin/python
+PIP     := $(PY) -m pip
+STAMP   := .venv/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+
+export HF_HUB_OFFLINE := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: install test test-unit test-notebooks reproduce update-reference bench testbed clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x --durations=15 tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not notebooks" tests
+
+test-notebooks: $(STAMP)
+	$(PY) -m pytest -q -m notebooks tests
+
+reproduce: $(STAMP)
+	$(PY) -m qvlm.reproduce --mode full
+
+update-reference: $(STAMP)
+	$(PY) -m qvlm.reproduce --mode smoke --update-reference
+
+bench: $(STAMP)
+	$(PY) bench/accuracy.py
+	$(PY) bench/kernels.py
+
+testbed: $(STAMP)
+	$(PY) -m qvlm.testbed.train
+
+clean:
+	rm -rf results/executed results/*/smoke .pytest_cache
