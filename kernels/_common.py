@@ -1,0 +1,103 @@
+"""Helpers shared by the kernel files: launch checks, the int4 nibble layout, rounding, tile ordering.
+
+Packed int4 layout (used by `pack.py`, `act_quant.py`, `w4a16.py`, `w4a4.py`): a tensor of codes (R, K) is stored
+as uint8 (R, K // 2); byte j of a row holds code 2j in its low nibble and code 2j + 1 in its high nibble.
+Symmetric codes (in [-8, 7]) are stored as 4-bit two's complement (`q & 0xF`) and sign-extended on unpacking;
+asymmetric codes (in [0, 15]) are stored as is and zero-extended.
+
+Two facts about triton 3.9's CPU interpreter (TRITON_INTERPRET=1) that the kernels work around:
+1) `libdevice.rint` (and every other libdevice call) raises in the interpreter, so round-half-to-even, which
+   `torch.round` uses, is written out in `round_half_even` with floor/compare; it is exact for |y| < 2^23.
+2) `tl.dot` on bfloat16 operands returns garbage in the interpreter (it multiplies the uint16 storage); the fp
+   kernels take an `UPCAST_BF16` flag that casts bf16 tiles to fp32 before `tl.dot` in the interpreter only.
+   A bf16 x bf16 product is exact in fp32, so this matches a bf16 MMA with fp32 accumulation.
+
+References: Triton tutorial 03-matrix-multiplication (grouped tile ordering, autotune configs); gpt-fast
+`quantize.py` (int4 packing along the input dimension).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from qvlm.errors import QVLMError
+
+# Read once at import, like `triton.jit` itself (it decides at decoration time whether to interpret).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def can_launch(*tensors: torch.Tensor) -> bool:
+    """True when Triton kernels can run on these tensors: all on CUDA, or the CPU interpreter is on."""
+    return INTERPRET or all(t.is_cuda for t in tensors)
+
+
+def check_launch(*tensors: torch.Tensor) -> None:
+    """Raise a one-line error when a Triton kernel cannot run on these tensors."""
+    if not can_launch(*tensors):
+        raise QVLMError("Triton kernels need CUDA tensors or TRITON_INTERPRET=1 (set before importing kernels)",
+                        "move the tensors to a GPU, export TRITON_INTERPRET=1, or call the *_ref function")
+
+
+def check_2d(name: str, t: torch.Tensor, shape: tuple, dtypes: tuple) -> None:
+    """Assert t is 2-D with the given shape (None = any) and one of the given dtypes."""
+    if t.dim() != 2 or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        raise QVLMError(f"{name} has shape {tuple(t.shape)}, expected {shape}", "check the operand layout")
+    if t.dtype not in dtypes:
+        raise QVLMError(f"{name} has dtype {t.dtype}, expected one of {dtypes}", "convert it first")
+
+
+def m_bucket(M: int) -> int:
+    """Autotuning key for the token count: the next power of two, so prefill lengths share tuned configs."""
+    return triton.next_power_of_2(max(M, 1))
+
+
+def upcast_bf16(dtype: torch.dtype) -> bool:
+    """Whether a kernel must cast bf16 tiles to fp32 before tl.dot (interpreter bug, see module docstring)."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------- in-kernel helpers
+@triton.jit
+def round_half_even(y):
+    """fp32 -> int32, rounding half to even like torch.round (exact for |y| < 2^23; here |y| <= 128)."""
+    r = tl.floor(y)
+    d = y - r                                    # fractional part in [0, 1): exact for |y| < 2^23
+    ri = r.to(tl.int32)
+    up = (d > 0.5) | ((d == 0.5) & ((ri & 1) == 1))
+    return ri + up.to(tl.int32)
+
+
+@triton.jit
+def unpack_nibbles(packed, SIGNED: tl.constexpr):
+    """uint8 tile -> (low, high) int32 nibble tiles; SIGNED sign-extends to [-8, 7], else [0, 15]."""
+    p = packed.to(tl.int32)                      # zero-extend the byte
+    lo = p & 0xF                                 # code 2j
+    hi = (p >> 4) & 0xF                          # code 2j + 1
+    if SIGNED:
+        lo = (lo ^ 8) - 8                        # 4-bit two's complement -> int
+        hi = (hi ^ 8) - 8
+    return lo, hi
+
+
+@triton.jit
+def pack_nibbles(lo, hi):
+    """Two int32 code tiles (2j, 2j + 1) -> one uint8 tile; negative codes keep their low 4 bits."""
+    return ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n) in grouped order: GROUP_M row-tiles share each column-tile while it is in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
