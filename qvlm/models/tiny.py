@@ -18,7 +18,7 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 
 # Sizes (the only thing that differs from LLaVA-1.5). Chosen so training takes < 60 min on 2 CPU cores.
 ARCH = dict(
-    image_size=synthetic.IMAGE_SIZE, patch_size=8,                  # 4 x 4 = 16 image tokens
+    image_size=synthetic.IMAGE_SIZE, patch_size=16,                 # 2 x 2 = 4 image tokens, one per scene cell
     vision_hidden=96, vision_layers=4, vision_heads=4, vision_mlp=384,
     text_hidden=128, text_layers=6, text_heads=4, text_kv_heads=2, text_mlp=384,
 )
