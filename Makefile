@@ -36,8 +36,8 @@ update-reference: $(STAMP)
 	$(PY) -m qvlm.reproduce --mode smoke --update-reference
 
 bench: $(STAMP)
-	$(PY) bench/accuracy.py
-	$(PY) bench/kernels.py
+	$(PY) -m bench.accuracy
+	$(PY) -m bench.kernels
 
 testbed: $(STAMP)
 	$(PY) -m qvlm.testbed.train

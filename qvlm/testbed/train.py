@@ -5,7 +5,8 @@ of steps: the answer barely depends on the image at first, so the gradient reach
 So we use the staged recipe of LLaVA itself, in small:
 
   stage 1  vision pretraining: the CLIP tower + throw-away linear heads predict, for each cell of the scene,
-           presence / colour / shape / size from the cell's patch tokens (dense, image-only supervision).
+           presence / colour / shape / size and the cell index from the cell's patch tokens (dense, image-only
+           supervision; the cell index makes each image token carry where it is, which "where is ..." needs).
   stage 2  alignment (LLaVA's "feature alignment" stage): vision frozen; projector + Llama trained on a mix of
            four supervised tasks (see `Tensors`): the multiple-choice questions (answer letter), captions
            ("top left small red square ; ..."), the answer in words, and a text-only option-lookup task.
@@ -42,7 +43,7 @@ from ..utils import atomic_dir, atomic_write_json, seed_everything
 
 # Recipe (full). Steps chosen to fit < 60 min on 2 CPU cores.
 RECIPE = dict(n_train=20000, stage1_steps=1000, stage1_lr=2e-3, stage2_steps=1200, stage2_lr=1.5e-3,
-              stage3_steps=1500, stage3_lr=7e-4, batch_size=64, weight_decay=0.01,
+              stage3_steps=3000, stage3_lr=7e-4, batch_size=64, weight_decay=0.01,
               stage2_mix=dict(qa=0.4, caption=0.3, word=0.2, lookup=0.1),
               stage3_mix=dict(qa=0.7, caption=0.1, word=0.1, lookup=0.1))
 SMOKE = dict(n_train=512, stage1_steps=10, stage2_steps=10, stage3_steps=10, batch_size=16)
@@ -127,7 +128,8 @@ def stage1_vision(model, T: Tensors, steps, lr, bs, rng, wd):
     vision = llava.parts(model)["vision"].module
     c = model.config.vision_config.hidden_size
     heads = nn.ModuleList([nn.Linear(c, 2), nn.Linear(c, len(synthetic.COLOURS) + 1),
-                           nn.Linear(c, len(synthetic.SHAPES) + 1), nn.Linear(c, len(synthetic.SIZES) + 1)])
+                           nn.Linear(c, len(synthetic.SHAPES) + 1), nn.Linear(c, len(synthetic.SIZES) + 1),
+                           nn.Linear(c, 4)])   # + the cell index itself, so each token also says WHERE it is
     params = list(vision.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     sch = _schedule(opt, steps, lr)
@@ -139,6 +141,7 @@ def stage1_vision(model, T: Tensors, steps, lr, bs, rng, wd):
         h = vision(pixel_values=T.pixels[idx]).last_hidden_state
         cells = _cell_pool(h, grid)                                     # (B, 4, C)
         tgt = T.cells[idx]                                              # (B, 4, 4)
+        tgt = torch.cat([tgt, torch.arange(4).expand(len(idx), 4)[..., None]], -1)   # (B, 4, 5)
         loss = sum(F.cross_entropy(hd(cells).flatten(0, 1), tgt[..., k].flatten()) for k, hd in enumerate(heads))
         opt.zero_grad()
         loss.backward()
