@@ -46,3 +46,157 @@ def category_bars(results: dict[str, dict], chance: float | None = None, title: 
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------------------- notebooks 01-05
+PART_COLOURS = {"vision": "#dbe9f6", "projector": "#fde9d9", "llm": "#e2f0d9"}
+
+
+def _shade_parts(ax, parts: list[str]) -> None:
+    """Shade the x-ranges of consecutive equal `parts` (vision | projector | llm) and label them on top."""
+    start = 0
+    for i in range(1, len(parts) + 1):
+        if i == len(parts) or parts[i] != parts[start]:
+            ax.axvspan(start - 0.5, i - 0.5, color=PART_COLOURS.get(parts[start], "#eeeeee"), zorder=0, lw=0)
+            ax.text((start + i - 1) / 2, 1.0, parts[start], transform=ax.get_xaxis_transform(), ha="center",
+                    va="bottom", fontsize=8)
+            start = i
+
+
+def entropy_profile(df, y: str = "H", hue: str = "bits", title: str = "H(x_q) per quantized linear",
+                    max_col: str | None = "log_K", ax=None):
+    """Per-layer profile: df has one row per (layer, hue) with columns `pos` (forward index), `part`, `name`, y,
+    hue and optionally `max_col` (the log K ceiling, drawn dashed)."""
+    import numpy as np
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(11, 3.6))
+    fig = ax.figure
+    first = df[df[hue] == df[hue].iloc[0]].sort_values("pos")
+    _shade_parts(ax, list(first["part"]))
+    pal = sns.color_palette("viridis", df[hue].nunique())
+    for c, (h, g) in zip(pal, df.groupby(hue, sort=True)):
+        g = g.sort_values("pos")
+        ax.plot(g["pos"], g[y], marker="o", ms=3, lw=1.2, color=c, label=f"{hue}={h}")
+        if max_col and max_col in g:
+            ax.axhline(float(g[max_col].iloc[0]), color=c, ls="--", lw=0.8)
+    step = max(1, len(first) // 40)
+    ticks = np.arange(0, len(first), step)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([first["name"].iloc[i] for i in ticks], rotation=90, fontsize=6)
+    ax.set_xlim(-0.5, len(first) - 0.5)
+    ax.set_ylabel(f"{y} (nats)")
+    ax.set_title(title, pad=14)
+    ax.legend(fontsize=8, loc="lower left", ncol=4)
+    fig.tight_layout()
+    return fig
+
+
+def paired_bars(df, x: str, cols: list[str], title: str = "", ylabel: str = "", ax=None):
+    """Grouped bars of several columns of df per row label `x` (e.g. H_image vs H_text per LLM layer)."""
+    long = df.melt(id_vars=[x], value_vars=cols, var_name="series", value_name="value")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(11, 3.4))
+    sns.barplot(long, x=x, y="value", hue="series", ax=ax)
+    ax.tick_params(axis="x", rotation=90, labelsize=7)
+    ax.set_xlabel("")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def scatter_fit(df, x: str, y: str, hue: str, fits: dict, title: str = "", xlabel: str = "", ylabel: str = "",
+                ax=None):
+    """Scatter of (x, y) coloured by `hue`, with one fitted line per hue value: fits[h] = qvlm.dependency.fit_line
+    result ({slope, intercept, r2}); the legend shows each R^2."""
+    import numpy as np
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 4.2))
+    pal = sns.color_palette("tab10", max(len(fits), 1))
+    for c, (h, g) in zip(pal, df.groupby(hue, sort=True)):
+        ax.scatter(g[x], g[y], color=c, s=22, alpha=0.8)
+        f = fits.get(h)
+        if f is not None:
+            xs = np.linspace(float(g[x].min()), float(g[x].max()), 20)
+            ax.plot(xs, f["slope"] * xs + f["intercept"], color=c, lw=1.3, label=f"{hue}={h}: R²={f['r2']:.2f}")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def partition_profile(names: list[str], unit_scores: list[float], blocks: list[list[int]], parts: list[str],
+                      threshold: float | None = None, title: str = "", ax=None):
+    """Bars of a per-unit score (e.g. H(x_q) of each unit's input) coloured by the block each unit belongs to;
+    block boundaries as vertical lines and the merge threshold (edge k merges iff unit k+1 >= it) dashed."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(11, 3.6))
+    _shade_parts(ax, parts)
+    pal = sns.color_palette("tab10", 10)
+    colour = {u: pal[b % 10] for b, blk in enumerate(blocks) for u in blk}
+    ax.bar(range(len(names)), unit_scores, color=[colour[i] for i in range(len(names))], edgecolor="k", lw=0.3)
+    for blk in blocks[1:]:
+        ax.axvline(blk[0] - 0.5, color="k", lw=0.8)
+    if threshold is not None and threshold == threshold:
+        ax.axhline(threshold, color="crimson", ls="--", lw=1, label=f"threshold {threshold:.3f}")
+        ax.legend(fontsize=8, loc="lower right")
+    lo = min(s for s in unit_scores if s == s)
+    ax.set_ylim(max(0.0, lo - 0.5), None)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylabel("H(x_q) of the unit's input (nats)")
+    ax.set_title(title or f"{len(blocks)} blocks", pad=14)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def twin_lines(df, x: str, left: str, right: str, title: str = "", xlabel: str = "", left_label: str = "",
+               right_label: str = ""):
+    """Two y-axes over a common x (e.g. Fig. 3(a): accuracy and search cost vs max depth)."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    d = df.sort_values(x)
+    ax.plot(d[x], d[left], marker="o", color="tab:blue")
+    ax.set_ylabel(left_label or left, color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(d[x], d[right], marker="s", color="tab:red", ls="--")
+    ax2.set_ylabel(right_label or right, color="tab:red")
+    ax2.grid(False)
+    ax.set_xlabel(xlabel or x)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def cost_accuracy(df, x: str, y: str, label: str, title: str = "", xlabel: str = "", ylabel: str = "",
+                  ref: float | None = None, ref_label: str = "FP"):
+    """Scatter of configurations in (cost, accuracy) space, each point labelled (e.g. partitions, methods)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    sns.scatterplot(df, x=x, y=y, hue=label, s=70, ax=ax, legend=False)
+    for _, r in df.iterrows():
+        ax.annotate(str(r[label]), (r[x], r[y]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    if ref is not None:
+        ax.axhline(ref, color="k", ls="--", lw=1, label=ref_label)
+        ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def method_bars(df, x: str = "setting", y: str = "accuracy", hue: str = "method", title: str = "",
+                ylabel: str = "accuracy"):
+    """Grouped bars, e.g. accuracy of every method at each bit-width setting."""
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    sns.barplot(df, x=x, y=y, hue=hue, ax=ax)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    fig.tight_layout()
+    return fig

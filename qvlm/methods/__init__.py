@@ -1,0 +1,135 @@
+"""Quantization methods, registered by name, and `quantize()`, the one entry point notebooks, the CLI and bench call.
+
+    qmodel, info = qvlm.methods.quantize(model, processor, "gptq", QuantConfig(w_bits=4, a_bits=16),
+                                         CalibConfig(n_calib=64), iters=..., **method_knobs)
+
+Methods (one module each; knobs in a dataclass beside each, every default written once there):
+
+    fp           full precision, the reference (nothing is quantized)
+    rtn          round-to-nearest weights (per channel / group), activations dynamic or calibrated
+    smoothquant  SmoothQuant (Xiao et al. 2023): migrate activation outliers into the weights, then RTN
+    gptq         GPTQ (Frantar et al. 2023): Hessian-aware sequential weight rounding (+ activation quant)
+    awq          AWQ (Lin et al. 2024): per-channel scale search on the block output + weight clip search
+    adaround     AdaRound (Nagel et al. 2020): learned rounding per layer (QDrop option)
+    brecq        BRECQ (Li et al. 2021): learned rounding + activation step reconstructed per block
+    qvlm         Q-VLM (Wang et al. 2024), registered automatically once `qvlm/methods/qvlm.py` exists
+
+A method is a `Method`: a config dataclass plus `quantize_unit(data, qcfg, cfg) -> stats`, called by the
+sequential driver `qvlm.calib.calibrate` on each unit (one block, or consecutive blocks a method groups through
+`units`). A method that needs full control (e.g. an extra visual-encoder optimization pass) provides `run`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..config import CalibConfig, QuantConfig
+from ..errors import QVLMError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type                                  # dataclass of the method's knobs (documented defaults)
+    quantize_unit: Callable | None                # (data: BlockData, qcfg, cfg) -> stats dict; None = weights RTN only
+    needs_data: bool                              # calibration data needed even with dynamic activations
+    summary: str
+    units: Callable | None = None                 # optional (model, qcfg, cfg) -> [[block key, ...], ...]
+    run: Callable | None = None                   # optional full override (model, processor, samples, qcfg, calib_cfg, cfg, progress) -> stats
+
+    def make_config(self, **knobs) -> Any:
+        """The method's config with `knobs` overriding the defaults (unknown knob -> QVLMError)."""
+        names = {f.name for f in dataclasses.fields(self.config)}
+        bad = sorted(set(knobs) - names)
+        if bad:
+            raise QVLMError(f"method {self.name!r} has no option {bad[0]!r}",
+                            f"its options are: {', '.join(sorted(names)) or '(none)'}")
+        return self.config(**knobs)
+
+
+METHODS: dict[str, Method] = {}
+# Built-in method modules, in table order. A module that does not exist (yet) is skipped, so `qvlm` (the paper's
+# method, added by its own module) is registered, and included by bench, as soon as qvlm/methods/qvlm.py exists.
+_MODULES = ("fp", "rtn", "smoothquant", "gptq", "awq", "adaround", "brecq", "qvlm")
+
+
+def register(method: Method) -> Method:
+    """Add a method to METHODS (by name)."""
+    METHODS[method.name] = method
+    return method
+
+
+for _name in _MODULES:
+    if importlib.util.find_spec(f"{__name__}.{_name}") is not None:
+        register(importlib.import_module(f"{__name__}.{_name}").METHOD)
+
+
+def get(name: str) -> Method:
+    """The registered method called `name` (QVLMError listing the known ones otherwise)."""
+    if name not in METHODS:
+        raise QVLMError(f"unknown method {name!r}", f"use one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _check_weights(model, qcfg: QuantConfig) -> None:
+    import torch
+
+    from ..models import llava
+    for blk in llava.blocks(model, qcfg.scope):
+        for name, p in blk.module.named_parameters():
+            if not torch.isfinite(p).all():
+                raise QVLMError(f"non-finite (NaN/Inf) weights in block {blk.key} ({name})",
+                                "restore the checkpoint; quantization needs finite weights")
+
+
+def quantize(model, processor, method: str = "rtn", qcfg: QuantConfig | None = None,
+             calib_cfg: CalibConfig | None = None, *, dataset: str = "tiny", progress: bool = True, **knobs):
+    """Quantize `model` IN PLACE with `method`; returns (model, info).
+
+    info: method, knobs (the method config), quant_config, calib, search_seconds (wall time of calibration +
+    search, excluding model loading and evaluation), peak_memory_bytes and peak_memory_kind (see
+    qvlm.calib.peak_memory), blocks (per-unit stats, e.g. reconstruction losses)."""
+    from ..calib import calibrate, peak_memory
+    from ..data import calibration_set
+    from ..models import llava
+    from ..qlinear import FINGERPRINT_ATTR, check_model, fingerprint, freeze_model, quantize_model
+    from ..utils import seed_everything
+
+    qcfg = qcfg or QuantConfig()
+    calib_cfg = calib_cfg or CalibConfig()
+    m = get(method)
+    cfg = m.make_config(**knobs)
+    if m.name == "fp":
+        qcfg = dataclasses.replace(qcfg, w_bits=16, a_bits=16)
+    check_model(model, qcfg)
+    _check_weights(model, qcfg)
+    setattr(model, FINGERPRINT_ATTR, fingerprint(model))    # so save_quantized stores only what the method changed
+    seed_everything(calib_cfg.seed)
+    static_acts = qcfg.a_bits < 16 and qcfg.a_granularity == "tensor"
+    used_data = m.name != "fp" and (m.needs_data or static_acts or m.run is not None)
+    with peak_memory(llava.model_device(model)) as mem:
+        t0 = time.perf_counter()
+        if m.name == "fp":
+            stats = {}
+        elif used_data:
+            samples = calibration_set(dataset, calib_cfg.n_calib, calib_cfg.seed)
+            if m.run is not None:
+                stats = m.run(model, processor, samples, qcfg, calib_cfg, cfg, progress)
+            else:
+                unit_fn = (lambda data: m.quantize_unit(data, qcfg, cfg)) if m.quantize_unit else None
+                stats = calibrate(model, processor, samples, qcfg, unit_fn, batch_size=calib_cfg.batch_size,
+                                  units=m.units(model, qcfg, cfg) if m.units else None, progress=progress)
+        else:                                           # data-free: RTN weights, dynamic activations
+            quantize_model(model, qcfg)
+            freeze_model(model)
+            stats = {}
+        seconds = time.perf_counter() - t0
+    info = dict(method=m.name, knobs=dataclasses.asdict(cfg), quant_config=dataclasses.asdict(qcfg),
+                w_bits=qcfg.w_bits, a_bits=qcfg.a_bits, group_size=qcfg.group_size,
+                calib=dataclasses.asdict(calib_cfg) if used_data else None, dataset=dataset,
+                search_seconds=seconds, peak_memory_bytes=mem["bytes"], peak_memory_kind=mem["kind"], blocks=stats)
+    return model, info

@@ -42,8 +42,13 @@ def resolve_path(name_or_path: str) -> Path:
 
 
 def load(name_or_path: str = "tiny", device: str = "cpu", dtype: str = "float32", device_map=None):
-    """(model, processor) from 'tiny' or a local llava-hf checkpoint directory. Model in eval mode."""
+    """(model, processor) from 'tiny' or a local llava-hf checkpoint directory. Model in eval mode.
+
+    A directory written by `qvlm quantize` (it holds qvlm_quant.json) is loaded by qvlm.qlinear.load_quantized."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name_or_path != "tiny" and (Path(name_or_path) / "qvlm_quant.json").is_file():
+        from ..qlinear import load_quantized                      # lazy: qlinear imports this package
+        return load_quantized(name_or_path, device=device, dtype=dtype)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     path = resolve_path(name_or_path)

@@ -1,0 +1,345 @@
+"""Block-by-block sequential calibration: the driver every calibrated method runs in.
+
+Q-VLM §3.2 searches rounding functions "jointly inside each block and sequentially across blocks"; GPTQ, AWQ and
+BRECQ use the same sequential schedule. The driver walks the scoped blocks in forward order
+
+    vision layers  ->  projector  ->  LLM decoder layers          (qvlm.models.llava.blocks)
+
+and, for each *unit* (one block by default, or several consecutive blocks of one part, e.g. Q-VLM's
+entropy-guided blocks), hands the method a `BlockData`:
+
+    inputs[i]     (B, T, C) the unit's input for calibration batch i along the QUANTIZED path (the outputs of the
+                  already-quantized earlier units): what the quantized unit sees at deployment.
+    fp_inputs[i]  (B, T, C) the same input along the FP path (the unmodified model).
+    targets[i]    (B, T, C) the FP unit's output on fp_inputs[i]: the FP model's activation, the reconstruction target.
+    args/kwargs   the extra positional / keyword arguments the model passes to the blocks (decoder layers: causal
+                  attention mask, rotary position embeddings, position ids), captured from a real forward.
+    masks[i]      (B, T) bool, valid (non-padding) tokens.
+
+The method edits the unit in place (its nn.Linear layers were already swapped for QuantLinear with RTN step
+sizes). The driver then calibrates static activation ranges still missing, freezes the unit, and runs the
+QUANTIZED unit on `inputs` to produce the next unit's inputs. Working memory beyond the model itself is one unit's
+FP copy, the method's state for that unit, and the calibration activations of the two streams -- the schedule that
+scales to 7B/13B. (The model stays where it was loaded; offloading the other blocks to CPU is not implemented.)
+
+How inputs cross part boundaries (vision -> projector -> LLM): the projector's input is a selected vision hidden
+state with the CLS token dropped, and the LLM's input embeddings receive the projector output scattered into the
+image-token positions. Rather than re-implementing that glue, the driver captures the input (and args / kwargs)
+of the FIRST unit of each part with a forward pre-hook during a real `model(...)` forward, aborted at the hook;
+the earlier parts are already quantized in place at that moment, so the capture follows the quantized path.
+Within a part the driver propagates directly (unit outputs -> next unit inputs, same args / kwargs), because
+every layer of a part receives identical masks and position embeddings. The FP stream is captured the same way
+once, before anything is modified.
+
+Non-finite activations (NaN / Inf) anywhere raise QVLMError naming the unit; an empty calibration set raises too.
+
+References: GPTQ `llama.py::llama_sequential` (Catcher + layer loop), llm-awq `pre_quant.py::run_awq`,
+BRECQ `main_imagenet.py::recon_model`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import resource
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data as qdata
+from .config import QuantConfig
+from .errors import QVLMError
+from .models import llava
+from .qlinear import QuantLinear, check_model, quant_linears, quantize_module
+
+
+class _Stop(Exception):
+    """Raised inside a forward pre-hook to abort the model forward once a block's input is captured."""
+
+
+@dataclass
+class BlockData:
+    """Calibration data of one unit (see the module docstring for the fields)."""
+    blocks: list                      # [llava.Block] consecutive blocks of one part; modules hold QuantLinears
+    fp_blocks: list                   # [nn.Module] FP copies of the blocks (before any method touched them)
+    inputs: list                      # [(B, T, C)] quantized-path inputs per calibration batch
+    fp_inputs: list                   # [(B, T, C)] FP-path inputs
+    targets: list                     # [(B, T, C)] FP unit outputs on fp_inputs
+    args: list                        # [tuple] extra positional args per batch (after hidden_states)
+    kwargs: list                      # [dict] keyword args per batch
+    masks: list                       # [(B, T) bool] valid tokens
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """'llm.3' for one block, 'llm.3-5' for a unit of several."""
+        b = self.blocks
+        return b[0].key if len(b) == 1 else f"{b[0].part}.{b[0].index}-{b[-1].index}"
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [b.module for b in self.blocks]
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def qlinears(self) -> list[tuple[str, QuantLinear]]:
+        """('llm.3.self_attn.q_proj', layer) for every QuantLinear of the unit, in forward order."""
+        out = []
+        for b in self.blocks:
+            qls = quant_linears(b.module)
+            rank = llava._forward_order(b.module, [m for _, m in qls])      # same order as llava.linear_layers
+            out += [(f"{b.key}.{n}", m) for n, m in sorted(qls, key=lambda nm: rank[id(nm[1])])]
+        return out
+
+    def fp_twin(self, key: str) -> nn.Module:
+        """The FP copy of the unit's module `key` (e.g. 'llm.3.mlp.down_proj' -> that nn.Linear of the FP block)."""
+        for b, fb in zip(self.blocks, self.fp_blocks):
+            if key.startswith(b.key + "."):
+                return fb.get_submodule(key[len(b.key) + 1:])
+        raise KeyError(key)
+
+    @torch.no_grad()
+    def module_inputs(self, module: nn.Module, fp: bool = False) -> list[torch.Tensor]:
+        """The input of `module` (a submodule of the unit, or of its FP copy with fp=True) for every calibration
+        batch; each forward is aborted right after the capture."""
+        got = []
+
+        def hook(_mod, args):
+            got.append(args[0])
+            raise _Stop
+
+        handle = module.register_forward_pre_hook(hook)
+        try:
+            for i in range(len(self)):
+                with contextlib.suppress(_Stop):
+                    self.forward(i, fp=fp)
+        finally:
+            handle.remove()
+        assert len(got) == len(self), f"{type(module).__name__} did not run for every batch"
+        return got
+
+    def forward(self, i: int, x: torch.Tensor | None = None, fp: bool = False) -> torch.Tensor:
+        """Run the unit (quantized, or its FP copy with fp=True) on batch i's input (or on x)."""
+        if x is None:
+            x = self.fp_inputs[i] if fp else self.inputs[i]
+        for m in (self.fp_blocks if fp else self.modules):
+            x = call_block(m, x, self.args[i], self.kwargs[i])
+        return x
+
+    def local_targets(self) -> list[torch.Tensor]:
+        """FP unit outputs on the QUANTIZED-path inputs (the target GPTQ / AWQ-style objectives use)."""
+        with torch.no_grad():
+            return [self.forward(i, self.inputs[i], fp=True) for i in range(len(self))]
+
+    def tokens(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        """The valid-token rows of t (B, T, C) -> (n_valid, C)."""
+        return t[self.masks[i]]
+
+
+def call_block(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """module(x, *args, **kwargs), returning the hidden states whether the block returns a tensor or a tuple."""
+    out = module(x, *args, **kwargs)
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _check_finite(tensors, what: str, key: str) -> None:
+    for t in tensors:
+        if not torch.isfinite(t).all():
+            raise QVLMError(f"non-finite (NaN/Inf) activations {what} block {key} during calibration",
+                            "check the checkpoint for NaN/Inf weights, or calibrate in float32 (--dtype float32)")
+
+
+# --------------------------------------------------------------------------------------------------- capture
+def model_batches(samples: list[dict], processor, batch_size: int, device, dtype) -> list[dict]:
+    """Collated model inputs (on device) for the calibration samples; images and text-only never mixed."""
+    out = []
+    for chunk in qdata.batches(samples, batch_size):
+        b = qdata.collate(chunk, processor)
+        inp = dict(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+        if "pixel_values" in b:
+            inp["pixel_values"] = b["pixel_values"].to(device, dtype)
+        out.append(inp)
+    return out
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, batches: list[dict], module: nn.Module) -> list[tuple | None]:
+    """(args, kwargs) that `module` receives in a real forward of each batch (None if it never runs, e.g. the
+    vision tower on a text-only batch). The forward is aborted at the module, so later blocks never run."""
+    got = []
+
+    def hook(_mod, args, kwargs):
+        got.append((args, dict(kwargs)))
+        raise _Stop
+
+    out = []
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b in batches:
+            got.clear()
+            with contextlib.suppress(_Stop):
+                model(**b, use_cache=False)
+            out.append(got[0] if got else None)
+    finally:
+        handle.remove()
+    return out
+
+
+@torch.no_grad()
+def observe_act_ranges(data: BlockData, qlinears: list[QuantLinear] | None = None) -> None:
+    """Calibrate the static per-tensor activation range (min/max over valid tokens) of the unit's QuantLinears
+    that still need one, from one pass over data.inputs (weights quantized, activations observed unquantized)."""
+    qls = [m for _, m in data.qlinears() if m.needs_act_calibration] if qlinears is None else qlinears
+    if not qls:
+        return
+    for m in qls:
+        m.observing = True
+    for i in range(len(data)):
+        for m in qls:
+            m.obs_mask = data.masks[i]
+        data.forward(i)
+    for m in qls:
+        m.obs_mask = None
+        m.finish_observing()
+
+
+def _units(blocks: list, units) -> list[list]:
+    """Group scoped blocks into units (consecutive, one part each). units: None or lists of block keys."""
+    if units is None:
+        return [[b] for b in blocks]
+    by_key = {b.key: b for b in blocks}
+    out, seen = [], []
+    for u in units:
+        missing = [k for k in u if k not in by_key]
+        if missing or not u:
+            raise QVLMError(f"unit {u} names blocks not in scope ({missing})", f"use keys from {list(by_key)}")
+        ub = [by_key[k] for k in u]
+        if len({b.part for b in ub}) != 1 or [b.index for b in ub] != list(range(ub[0].index, ub[0].index + len(ub))):
+            raise QVLMError(f"unit {u} is not a run of consecutive blocks of one part",
+                            "a unit may not span vision/projector/llm boundaries")
+        out.append(ub)
+        seen += u
+    if seen != [b.key for b in blocks]:
+        raise QVLMError("units must cover every scoped block once, in forward order", f"blocks: {[b.key for b in blocks]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- driver
+UnitFn = Callable[[BlockData], dict]
+
+
+def calibrate(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfig, unit_fn: UnitFn | None, *,
+              batch_size: int = 16, units: list[list[str]] | None = None, progress: bool = True) -> dict[str, dict]:
+    """Quantize the scoped blocks of `model` in place, unit by unit (module docstring). Returns {unit key: stats}.
+
+    unit_fn(data) runs the method on one unit and returns a stats dict (or None); None = RTN (only the driver's
+    static range calibration + freeze)."""
+    if not samples:
+        raise QVLMError("empty calibration set (0 samples)", "pass --calib N with N >= 1")
+    check_model(model, qcfg)
+    device, dtype = llava.model_device(model), llava.model_dtype(model)
+    batches = model_batches(samples, processor, batch_size, device, dtype)
+    blocks = llava.blocks(model, qcfg.scope)
+    groups = _units(blocks, units)
+    # FP stream: each part's first-block input, captured before anything is modified
+    first = {}
+    for g in groups:
+        first.setdefault(g[0].part, g[0])
+    fp_caps = {part: capture_inputs(model, batches, b.module) for part, b in first.items()}
+    stats, state = {}, None
+    bar = tqdm(groups, desc="calibrate", disable=not progress, leave=False)
+    for g in bar:
+        key = g[0].key if len(g) == 1 else f"{g[0].part}.{g[0].index}-{g[-1].index}"
+        bar.set_postfix_str(key)
+        if state is None or state["part"] != g[0].part:           # entering a part: capture along the quantized path
+            q_caps = capture_inputs(model, batches, g[0].module)
+            f_caps = fp_caps.pop(g[0].part)                    # the FP stream continues through the FP unit copies
+            rows = [i for i, (q, f) in enumerate(zip(q_caps, f_caps)) if q is not None and f is not None]
+            if not rows:
+                raise QVLMError(f"no calibration sample reaches block {key} (e.g. only text-only samples for the "
+                                "vision tower)", "calibrate with samples that have images, or drop that part from --scope")
+            state = dict(part=g[0].part,
+                         inputs=[q_caps[i][0][0] for i in rows], fp_inputs=[f_caps[i][0][0] for i in rows],
+                         args=[q_caps[i][0][1:] for i in rows], kwargs=[q_caps[i][1] for i in rows],
+                         masks=[_token_mask(batches[i], q_caps[i][0][0]) for i in rows])
+            _check_finite(state["inputs"] + state["fp_inputs"], "entering", key)
+        fp_blocks = [copy.deepcopy(b.module) for b in g]
+        for m in fp_blocks:
+            m.requires_grad_(False)
+        data = BlockData(blocks=g, fp_blocks=fp_blocks, inputs=state["inputs"], fp_inputs=state["fp_inputs"],
+                         targets=[], args=state["args"], kwargs=state["kwargs"], masks=state["masks"])
+        with torch.no_grad():
+            data.targets = [data.forward(i, fp=True) for i in range(len(data))]
+        _check_finite(data.targets, "in the FP output of", key)
+        for b in g:
+            quantize_module(b.module, qcfg)
+        grad_flags = {id(p): p.requires_grad for b in g for p in b.module.parameters()}
+        for b in g:
+            b.module.requires_grad_(False)             # methods learn only the tensors they create
+        with torch.enable_grad():
+            stats[key] = dict(unit_fn(data) or {}) if unit_fn is not None else {}
+        for b in g:
+            for p in b.module.parameters():
+                p.requires_grad_(grad_flags.get(id(p), False))
+        observe_act_ranges(data)
+        for b in g:
+            for _, m in quant_linears(b.module):
+                m.freeze()
+        with torch.no_grad():
+            outs = [data.forward(i) for i in range(len(data))]
+        _check_finite(outs, "in the quantized output of", key)
+        state.update(inputs=outs, fp_inputs=data.targets)
+        del data, fp_blocks
+    return stats
+
+
+def _token_mask(batch: dict, hidden: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool valid tokens: the attention mask for LLM inputs, all-true for vision / projector tokens."""
+    am = batch["attention_mask"]
+    if tuple(am.shape) == tuple(hidden.shape[:2]):
+        return am.bool()
+    return torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
+
+
+# ---------------------------------------------------------------------------------------------- peak memory
+def _proc_status(field_name: str) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/self/status"):
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+@contextlib.contextmanager
+def peak_memory(device):
+    """Measure peak memory of the enclosed code; yields a dict filled on exit with "bytes" and "kind":
+
+    cuda_max_allocated : torch.cuda.max_memory_allocated() after reset_peak_memory_stats() (absolute, model included)
+    cpu_peak_rss_delta : Linux peak RSS (VmHWM, reset through /proc/self/clear_refs) minus RSS at entry
+    cpu_maxrss_delta   : fallback without /proc: getrusage ru_maxrss minus RSS-high-water at entry (0 if the process
+                         had already peaked higher before)"""
+    rec = {"bytes": 0, "kind": ""}
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        yield rec
+        torch.cuda.synchronize(dev)
+        rec.update(bytes=int(torch.cuda.max_memory_allocated(dev)), kind="cuda_max_allocated")
+        return
+    reset = False
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                          # reset VmHWM to the current RSS (Linux >= 4.0)
+        reset = True
+    start_rss = _proc_status("VmRSS")
+    if reset and start_rss is not None:
+        yield rec
+        rec.update(bytes=max(0, (_proc_status("VmHWM") or 0) - start_rss), kind="cpu_peak_rss_delta")
+        return
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    yield rec
+    rec.update(bytes=max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start), kind="cpu_maxrss_delta")

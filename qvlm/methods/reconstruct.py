@@ -1,0 +1,181 @@
+"""Learned rounding + activation steps by output reconstruction: the machinery of AdaRound, BRECQ and QDrop,
+reusable over ANY group of consecutive QuantLinears (one layer, one transformer block, a part of a block, or
+several blocks -- e.g. Q-VLM's entropy-guided blocks, §3.2 of the paper).
+
+API
+---
+    stats = reconstruct(qlinears, forward, inputs, targets, masks=None, cfg=ReconConfig(), progress=False)
+
+    qlinears  the QuantLinears whose parameters are learned (RTN step sizes already set, not frozen). Other
+              QuantLinears that `forward` runs stay as they are (e.g. already frozen, or RTN).
+    forward   forward(x, i) -> y: runs the sub-graph containing the group on input x of calibration batch i
+              (i lets it look up that batch's attention mask / position embeddings). Typical choices:
+                  one layer        lambda x, i: ql(x)
+                  a unit (blocks)  lambda x, i: data.forward(i, x)        (data: qvlm.calib.BlockData)
+              A group smaller than a block can use the whole block's forward: only its layers learn.
+    inputs    [ (B, T, C_in) ] per batch, the group's input along the QUANTIZED path (no grad)
+    targets   [ (B, T, C_out) ] per batch, the FP outputs to reconstruct (BRECQ / QDrop use the FP model's
+              output on the FP input: `data.targets`; `data.local_targets()` gives FP outputs on `inputs`)
+    masks     [ (B, T) bool ] valid tokens (padding excluded from the loss); None = all
+
+    returns   dict(loss_rtn, loss, reverted, iters, seconds): the objective (mean over valid tokens of the
+              squared error summed over channels, hard rounding) at RTN and after learning. If learning did not
+              lower it, every learned tensor is reset to its RTN start (reverted=True): never worse than RTN.
+
+What is learned (each QuantLinear of the group), jointly with Adam:
+    rounding    AdaRound offsets (Nagel et al. 2020, Eq. 21-24): W_hat = s * (clamp(floor(W/s) + h(alpha) + z) - z),
+                h = rectified sigmoid, initialised at RTN; loss + lambda * sum(1 - |2h - 1|^beta) with beta annealed
+                from beta_start to beta_end after a warm-up without regulariser; hard rounding h >= 0.5 at the end.
+    activation  (cfg.learn_act) static per-tensor step `a_scale` (LSQ, Esser et al. 2020) or, for dynamic
+                per-token activations, a clipping ratio `a_clip` of each token's range; straight-through rounding.
+                Static ranges not yet calibrated are observed (min/max) before learning starts.
+    QDrop       (cfg.drop_prob > 0) each activation element stays unquantized with that probability during
+                learning (Wei et al. 2022); never at evaluation.
+After `reconstruct` the layers keep their learned tensors in "hard" mode; call `QuantLinear.freeze()` (the
+calibration driver does) to bake them.
+
+References: yhhhli/BRECQ `quant/adaptive_rounding.py`, `quant/block_recon.py`; wimh966/QDrop `quant/block_recon.py`.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..qlinear import QuantLinear, rectified_sigmoid
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    iters: int = 200             # Adam steps per group (BRECQ uses 20k on ImageNet; PRESETS['full'] iters = 200)
+    lr: float = 1e-2             # rounding logits; 10x AdaRound's 1e-3 because we run ~100x fewer steps
+    lr_act: float = 1e-2         # activation step / clip, RELATIVE to its initial value per step
+    reg_weight: float = 0.01     # lambda of the rounding regulariser (AdaRound / BRECQ default)
+    beta_start: float = 20.0     # regulariser annealing: beta from 20 to 2 (AdaRound)
+    beta_end: float = 2.0
+    warmup: float = 0.2          # fraction of iterations without the regulariser (AdaRound)
+    learn_rounding: bool = True
+    learn_act: bool = False      # also learn activation step (static) / clipping ratio (dynamic)
+    drop_prob: float = 0.0       # QDrop: probability of keeping an activation element FP while learning (paper: 0.5)
+
+
+def _masked_sq_error(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """(sum over valid tokens of ||y - t||^2 summed over channels, number of valid tokens)."""
+    d = (y.float() - t.float()).pow(2).sum(-1)                                  # (B, T)
+    if mask is not None and tuple(mask.shape) == tuple(d.shape):
+        return d[mask].sum(), int(mask.sum())
+    return d.sum(), d.numel()
+
+
+@torch.no_grad()
+def objective(forward: Callable, inputs: Sequence, targets: Sequence, masks: Sequence | None = None) -> float:
+    """Mean over valid tokens of the squared output error summed over channels (the reconstruction loss)."""
+    tot, n = 0.0, 0
+    for i, (x, t) in enumerate(zip(inputs, targets)):
+        e, k = _masked_sq_error(forward(x, i), t, masks[i] if masks is not None else None)
+        tot, n = tot + float(e), n + k
+    return tot / max(n, 1)
+
+
+def _observe(qlinears, forward, inputs, masks) -> None:
+    todo = [m for m in qlinears if m.needs_act_calibration]
+    if not todo:
+        return
+    for m in todo:
+        m.observing = True
+    with torch.no_grad():
+        for i, x in enumerate(inputs):
+            for m in todo:
+                m.obs_mask = masks[i] if masks is not None else None
+            forward(x, i)
+    for m in todo:
+        m.obs_mask = None
+        m.finish_observing()
+
+
+def _act_param_name(m: QuantLinear) -> str | None:
+    if not m.quantizes_act:
+        return None
+    return "a_scale" if (m.a_granularity == "tensor" and m.a_scale is not None) else "a_clip"
+
+
+@contextlib.contextmanager
+def _learning(qlinears, cfg: ReconConfig):
+    """Turn on learnable tensors for the group; afterwards everything is back in hard / eval mode."""
+    start = {}
+    for m in qlinears:
+        if cfg.learn_rounding and m.quantizes_weight and m.weight_format == "int":
+            m.init_learned_rounding()
+        name = _act_param_name(m) if cfg.learn_act else None
+        if name is not None:
+            init = getattr(m, name)
+            init = torch.tensor(1.0, device=m.weight.device) if init is None else init.detach().float()
+            m.set_tensor(name, init, learnable=True)
+            start[id(m)] = (name, init.clone())
+        m.act_drop_prob = cfg.drop_prob
+    try:
+        yield start
+    finally:
+        for m in qlinears:
+            m.round_mode = "hard"
+            m.act_drop_prob = 0.0
+            for name in ("round_logits", "a_scale", "a_clip"):
+                t = getattr(m, name)
+                if isinstance(t, torch.nn.Parameter):
+                    m.set_tensor(name, t.detach())
+
+
+def reconstruct(qlinears: Sequence[QuantLinear], forward: Callable, inputs: Sequence[torch.Tensor],
+                targets: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] | None = None,
+                cfg: ReconConfig = ReconConfig(), progress: bool = False, desc: str = "reconstruct") -> dict:
+    """Learn the rounding (and optionally activation steps) of `qlinears` to reconstruct `targets` (module doc)."""
+    t0 = time.perf_counter()
+    qlinears = [m for m in qlinears if not m.weight_on_grid]
+    if not inputs or not qlinears:
+        return dict(loss_rtn=None, loss=None, reverted=False, iters=0, seconds=0.0)
+    _observe(qlinears, forward, inputs, masks)
+    loss_rtn = objective(forward, inputs, targets, masks)
+    with _learning(qlinears, cfg) as start:
+        rounding = [m.round_logits for m in qlinears if m.round_logits is not None]
+        groups = [{"params": rounding, "lr": cfg.lr}] if rounding else []
+        for m in qlinears:
+            if id(m) in start:
+                name, init = start[id(m)]
+                groups.append({"params": [getattr(m, name)], "lr": cfg.lr_act * float(init.abs().clamp_min(1e-8))})
+        opt = torch.optim.Adam(groups) if groups else None
+        n_warm = int(cfg.warmup * cfg.iters)
+        bar = tqdm(range(cfg.iters if opt else 0), desc=desc, disable=not progress, leave=False)
+        for m in qlinears:
+            m.round_mode = "soft"
+        for it in bar:
+            i = int(torch.randint(len(inputs), ()))
+            with torch.enable_grad():
+                err, n = _masked_sq_error(forward(inputs[i], i), targets[i], masks[i] if masks is not None else None)
+                loss = err / max(n, 1)
+                if rounding and it >= n_warm:
+                    frac = (it - n_warm) / max(cfg.iters - n_warm, 1)
+                    beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1 - frac)
+                    reg = sum((1 - (2 * rectified_sigmoid(a) - 1).abs().pow(beta)).sum() for a in rounding)
+                    loss = loss + cfg.reg_weight * reg
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        for m in qlinears:
+            m.round_mode = "hard"
+        loss = objective(forward, inputs, targets, masks)
+        reverted = loss >= loss_rtn
+        if reverted:                                      # never worse than the RTN start
+            for m in qlinears:
+                if m.round_logits is not None:
+                    m.init_learned_rounding()
+                if id(m) in start:
+                    name, init = start[id(m)]
+                    getattr(m, name).data.copy_(init)
+                m.round_mode = "hard"
+            loss = objective(forward, inputs, targets, masks)
+    return dict(loss_rtn=loss_rtn, loss=loss, reverted=bool(reverted), iters=cfg.iters,
+                seconds=time.perf_counter() - t0)

@@ -1,0 +1,486 @@
+"""QuantLinear: the fake-quantized nn.Linear every method runs in, model swapping, and quantized save / load.
+
+Q-VLM (Wang et al., NeurIPS 2024) §3 quantizes the weights and input activations of every linear layer of the
+vision encoder, projector and LLM; the official code does it with a patched bitsandbytes `Linear4bit` whose
+`QuantAct` fake-quantizes the input (qvlm-method.md §1.B1). `QuantLinear` is the general, tested version:
+
+    y = fake_quant_w(W) @ fake_quant_a(x / input_scale)^T + b
+
+  weights      per output channel (group_size 0) or per group of input channels; symmetric or asymmetric;
+               uniform integer grid ("int") or bitsandbytes NF4 ("nf4"). Stored step sizes `w_scale`,
+               `w_zero_point` (out, n_groups) so methods can clip them (AWQ) or fix them (GPTQ).
+  activations  dynamic per token (one range per row) or static per tensor (a range calibrated on data);
+               optional learnable step (`a_scale`, static) or clipping ratio (`a_clip`, dynamic), trained
+               with the straight-through estimator (LSQ-style; Esser et al. 2020).
+  rounding     optional learnable rounding offsets `round_logits` (AdaRound's rectified sigmoid; Nagel et al.
+               2020), used by qvlm.methods.reconstruct; `freeze()` bakes the hard rounding into the weight.
+  input_scale  optional per-input-channel smoothing scale (SmoothQuant / AWQ when it cannot be folded into the
+               previous op): the layer computes (x / s) @ (W * s)^T, identical in FP.
+  16 bits      means "not quantized": a QuantLinear with w_bits = a_bits = 16 is exactly the FP layer.
+
+All rounding / grids go through `qvlm.quant` (the single reference). Swapping: `quantize_model(model, qcfg)`
+replaces every nn.Linear inside the scoped blocks (`qvlm.models.llava.linear_layers`); lm_head and the
+embeddings stay FP. Save / load: `save_quantized` writes integer weight codes + quantization parameters (+ the
+other tensors of the quantized blocks, e.g. norms that smoothing rescaled) and `qvlm_quant.json` with the config
+and the base model; `load_quantized(dir)` rebuilds the model, and `qvlm.models.load(dir)` delegates here.
+
+References: 1) GPTQ `quant.py::Quantizer` 2) llm-awq `qmodule` / `pseudo_quantize_tensor`
+3) BRECQ / QDrop `quant_layer.py::QuantModule`, `adaptive_rounding.py::AdaRoundQuantizer`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import quant
+from .config import QuantConfig
+from .errors import QVLMError
+from .models import llava
+from .utils import atomic_dir
+
+QUANT_META = "qvlm_quant.json"          # presence of this file marks a quantized-model directory
+QUANT_TENSORS = "quantized.safetensors"
+FORMAT_VERSION = 1
+# AdaRound's rectified sigmoid stretch (Nagel et al. 2020, Eq. 23): h(a) = clamp(sigmoid(a) * (ZETA - GAMMA) + GAMMA, 0, 1)
+ZETA, GAMMA = 1.1, -0.1
+_OPTIONAL = ("input_scale", "a_scale", "a_zero_point", "a_clip", "round_logits")   # tensors a layer may carry
+
+
+def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
+    """AdaRound's soft rounding offset h(alpha) in [0, 1]."""
+    return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """alpha such that h(alpha) = h (for h in [0, 1)), used to start learned rounding at round-to-nearest."""
+    return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1)
+
+
+class QuantLinear(nn.Linear):
+    """Fake-quantized replacement of nn.Linear (see the module docstring).
+
+    It subclasses nn.Linear so structure discovery (qvlm.models.llava.linear_layers) finds the same layers, under
+    the same keys, in a quantized model as in the FP one."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 4, a_bits: int = 4,
+                 group_size: int = 0, w_symmetric: bool = True, a_symmetric: bool = True, a_granularity: str = "token",
+                 weight_format: str = "int", device=None, dtype=None):
+        nn.Module.__init__(self)                         # not nn.Linear.__init__: no random init of the weight
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits = quant.check_bits(w_bits, "w_bits")
+        self.a_bits = quant.check_bits(a_bits, "a_bits")
+        self.group_size = quant.check_group_size(group_size, in_features)
+        if a_granularity not in ("token", "tensor"):
+            raise QVLMError(f"unknown a_granularity {a_granularity!r}", "use 'token' or 'tensor'")
+        if weight_format not in ("int", "nf4"):
+            raise QVLMError(f"unknown weight_format {weight_format!r}", "use 'int' or 'nf4'")
+        self.w_symmetric, self.a_symmetric = w_symmetric, a_symmetric
+        self.a_granularity, self.weight_format = a_granularity, weight_format
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
+                                 requires_grad=False) if bias else None
+        n_groups = in_features // (group_size or in_features)
+        self.register_buffer("w_scale", torch.ones(out_features, n_groups, device=device))        # (out, n_groups)
+        self.register_buffer("w_zero_point", torch.zeros(out_features, n_groups, device=device))  # (out, n_groups)
+        for name in _OPTIONAL:
+            self.register_buffer(name, None)
+        # run-time switches (not state): methods flip them during calibration
+        self.quant_enabled = True        # False: behave exactly like the FP layer (used by AWQ's per-group search)
+        self.weight_on_grid = False      # True after freeze(): `weight` already holds the dequantized grid values
+        self.round_mode = "hard"         # learned rounding: "soft" (training) | "hard"
+        self.act_drop_prob = 0.0         # QDrop: probability of keeping an activation element unquantized (training)
+        self.observing = False           # record input ranges (static calibration) instead of quantizing
+        self.obs_mask = None             # optional (B, T) bool mask of valid tokens while observing
+        self._obs_min = self._obs_max = None
+
+    # ------------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qcfg: QuantConfig, **overrides) -> "QuantLinear":
+        """Wrap `linear` (its weight/bias tensors are shared, not copied) with the settings of `qcfg`."""
+        kw = dict(w_bits=qcfg.w_bits, a_bits=qcfg.a_bits, group_size=qcfg.group_size, w_symmetric=qcfg.w_symmetric,
+                  a_symmetric=qcfg.a_symmetric, a_granularity=qcfg.a_granularity, weight_format=qcfg.weight_format)
+        kw.update(overrides)
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **kw)
+        q.weight = nn.Parameter(linear.weight.data, requires_grad=False)
+        q.bias = nn.Parameter(linear.bias.data, requires_grad=False) if linear.bias is not None else None
+        n_groups = q.w_scale.shape[1]
+        q.w_scale = torch.ones(q.out_features, n_groups, device=q.weight.device)
+        q.w_zero_point = torch.zeros(q.out_features, n_groups, device=q.weight.device)
+        q.reset_weight_qparams()
+        return q
+
+    def spec(self) -> dict:
+        """The constructor settings (stored per layer in qvlm_quant.json)."""
+        return dict(w_bits=self.w_bits, a_bits=self.a_bits, group_size=self.group_size, w_symmetric=self.w_symmetric,
+                    a_symmetric=self.a_symmetric, a_granularity=self.a_granularity, weight_format=self.weight_format)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.group_size else ""
+        return (f"{self.in_features}, {self.out_features}, w_bits={self.w_bits}, a_bits={self.a_bits}{g}, "
+                f"a={self.a_granularity}, weight_format={self.weight_format}")
+
+    @property
+    def quantizes_weight(self) -> bool:
+        return self.w_bits < quant.FP_BITS
+
+    @property
+    def quantizes_act(self) -> bool:
+        return self.a_bits < quant.FP_BITS
+
+    def set_tensor(self, name: str, value: torch.Tensor | None, learnable: bool = False) -> None:
+        """(Re)register an optional tensor as a buffer, or as a trainable Parameter with `learnable`."""
+        if name in self._parameters:
+            del self._parameters[name]
+        if name in self._buffers:
+            del self._buffers[name]
+        if value is not None and learnable:
+            self.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=True))
+        else:
+            self.register_buffer(name, None if value is None else value.detach())
+
+    # ---------------------------------------------------------------------------------------------- weights
+    @torch.no_grad()
+    def reset_weight_qparams(self, clip_ratio: float | torch.Tensor = 1.0) -> None:
+        """Recompute (w_scale, w_zero_point) from the current weight (after a method rescaled it); optional clip."""
+        if self.weight_format == "int" and self.quantizes_weight:
+            scale, zero_point = quant.weight_qparams(self.weight.float(), self.w_bits, self.group_size,
+                                                     self.w_symmetric, clip_ratio)
+            self.w_scale, self.w_zero_point = scale, zero_point
+        self.weight_on_grid = False
+
+    def _grid(self):
+        """Weight grouped (out, n_groups, g) in fp32 with its step / zero point broadcast as (out, n_groups, 1)."""
+        wg = self.weight.float().reshape(self.out_features, self.w_scale.shape[1], -1)
+        return wg, self.w_scale[..., None], self.w_zero_point[..., None]
+
+    def init_learned_rounding(self) -> None:
+        """Start AdaRound: logits with h(alpha) = frac(W / scale), so hard rounding == round-to-nearest."""
+        if self.weight_format != "int":
+            raise QVLMError("learned rounding needs weight_format 'int'", "use weight_format='int' (NF4 has no offsets)")
+        if self.weight_on_grid:
+            raise QVLMError("this layer is already frozen", "initialise learned rounding before freeze()")
+        wg, s, _ = self._grid()
+        rest = (wg / s - torch.floor(wg / s)).clamp(0, 1 - 1e-4)                   # (out, n_groups, g)
+        self.set_tensor("round_logits", inverse_rectified_sigmoid(rest).reshape(self.weight.shape), learnable=True)
+        self.round_mode = "soft"
+
+    def rounding_offsets(self) -> torch.Tensor:
+        """h in [0, 1]: soft (rectified sigmoid) or hard ({0, 1}) rounding offsets, (out, in)."""
+        if self.round_mode == "soft":
+            return rectified_sigmoid(self.round_logits)
+        return (self.round_logits >= 0).float()
+
+    def quant_weight(self) -> torch.Tensor:
+        """The weight the layer multiplies with (fake-quantized; same shape and dtype as `weight`)."""
+        w = self.weight
+        if not (self.quant_enabled and self.quantizes_weight) or self.weight_on_grid:
+            return w
+        if self.weight_format == "nf4":
+            return quant.fake_quant_nf4(w)
+        if self.round_logits is not None:                                           # learned rounding (AdaRound)
+            wg, s, z = self._grid()
+            qmin, qmax = quant.qrange(self.w_bits, self.w_symmetric)
+            h = self.rounding_offsets().reshape(wg.shape)
+            q = torch.clamp(torch.floor(wg / s) + h + z, qmin, qmax)
+            return quant.dequantize(q, s, z).reshape(w.shape).to(w.dtype)
+        return quant.fake_quant_weight(w, self.w_bits, self.group_size, self.w_symmetric,
+                                       self.w_scale, self.w_zero_point)
+
+    # ------------------------------------------------------------------------------------------ activations
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize the (already smoothed) input activation x (..., in_features)."""
+        if not (self.quant_enabled and self.quantizes_act):
+            return x
+        if self.observing:
+            self._observe(x)
+            return x
+        ste = torch.is_grad_enabled()                    # straight-through rounding only when training
+        if self.a_granularity == "tensor" and self.a_scale is not None:              # static, calibrated
+            xq = quant.fake_quant_act(x, self.a_bits, self.a_symmetric, "tensor",
+                                      self.a_scale.abs().clamp_min(1e-8), self.a_zero_point, ste=ste)
+        elif self.a_clip is not None:                                                 # dynamic, learned clip
+            gran_min = x.amin(dim=-1, keepdim=True) if self.a_granularity == "token" else x.min()
+            gran_max = x.amax(dim=-1, keepdim=True) if self.a_granularity == "token" else x.max()
+            clip = self.a_clip.clamp(0.05, 1.0)
+            scale, zero_point = quant.qparams_from_minmax(gran_min.detach().float() * clip,
+                                                          gran_max.detach().float() * clip, self.a_bits, self.a_symmetric)
+            xq = quant.fake_quant(x, scale.to(x.dtype), zero_point.to(x.dtype), self.a_bits, self.a_symmetric, ste)
+        else:                                            # dynamic per token (or per tensor if not calibrated yet)
+            xq = quant.fake_quant_act(x, self.a_bits, self.a_symmetric, self.a_granularity, ste=ste)
+        if self.act_drop_prob > 0 and torch.is_grad_enabled():   # QDrop (Wei et al. 2022): keep some elements FP
+            xq = torch.where(torch.rand_like(x) < self.act_drop_prob, x, xq)
+        return xq
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        if self.obs_mask is not None and tuple(self.obs_mask.shape) == tuple(x.shape[:-1]):
+            x = x[self.obs_mask.bool()]
+        x = x.float()
+        lo, hi = x.min(), x.max()
+        self._obs_min = lo if self._obs_min is None else torch.minimum(self._obs_min, lo)
+        self._obs_max = hi if self._obs_max is None else torch.maximum(self._obs_max, hi)
+
+    @torch.no_grad()
+    def finish_observing(self) -> None:
+        """Turn the observed min/max into the static per-tensor (a_scale, a_zero_point)."""
+        self.observing = False
+        if self._obs_min is None:
+            return
+        scale, zero_point = quant.qparams_from_minmax(self._obs_min, self._obs_max, self.a_bits, self.a_symmetric)
+        self.set_tensor("a_scale", scale)
+        self.set_tensor("a_zero_point", zero_point)
+        self._obs_min = self._obs_max = None
+
+    @property
+    def needs_act_calibration(self) -> bool:
+        """Static per-tensor activations whose range has not been calibrated yet."""
+        return self.quantizes_act and self.a_granularity == "tensor" and self.a_scale is None
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)         # smoothing; the weight was multiplied by input_scale
+        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Bake the final (hard-rounded) quantized weight into `weight` and turn learned tensors into buffers."""
+        self.round_mode, self.quant_enabled = "hard", True
+        if self.quantizes_weight and not self.weight_on_grid:
+            self.weight.data = self.quant_weight().detach()
+        self.weight_on_grid = True
+        self.set_tensor("round_logits", None)
+        for name in ("a_scale", "a_clip"):
+            t = getattr(self, name)
+            if t is not None:
+                self.set_tensor(name, t.detach().abs() if name == "a_scale" else t.detach().clamp(0.05, 1.0))
+        self.act_drop_prob = 0.0
+        self.observing = False
+
+    # -------------------------------------------------------------------------------------------- save/load
+    @torch.no_grad()
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """What a frozen layer needs on disk: integer weight codes (int grid) or FP weights, plus its qparams."""
+        assert self.weight_on_grid, "freeze() the layer before exporting it"
+        out = {}
+        if self.weight_format == "int" and self.quantizes_weight:
+            out["qweight"], out["w_scale"], out["w_zero_point"] = quant.quantize_weight(      # int8 / uint8 codes
+                self.weight.float(), self.w_bits, self.group_size, self.w_symmetric, self.w_scale, self.w_zero_point)
+        else:
+            out["weight"] = self.weight.data
+        if self.bias is not None:
+            out["bias"] = self.bias.data
+        for name in _OPTIONAL:
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    @torch.no_grad()
+    def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of export_tensors (the layer is left frozen)."""
+        dtype = self.weight.dtype
+        if "qweight" in tensors:
+            self.w_scale = tensors["w_scale"].float().to(self.weight.device)
+            self.w_zero_point = tensors["w_zero_point"].float().to(self.weight.device)
+            w = quant.dequantize_weight(tensors["qweight"].to(self.w_scale.device), self.w_scale, self.w_zero_point)
+            self.weight.data = w.to(dtype)
+        else:
+            self.weight.data = tensors["weight"].to(self.weight.device, dtype)
+        if self.bias is not None:
+            self.bias.data = tensors["bias"].to(self.bias.device, dtype)
+        for name in _OPTIONAL:
+            if name in tensors:
+                self.set_tensor(name, tensors[name].to(self.weight.device))
+        self.weight_on_grid = True
+
+
+# -------------------------------------------------------------------------------------------------- swapping
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def quantize_module(module: nn.Module, qcfg: QuantConfig, prefix: str = "") -> list[str]:
+    """Replace every nn.Linear inside `module` (a block) by a QuantLinear; returns the swapped names."""
+    swapped = []
+    for name, m in list(module.named_modules()):
+        if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear):
+            _set_module(module, name, QuantLinear.from_linear(m, qcfg))
+            swapped.append(f"{prefix}{name}")
+    return swapped
+
+
+def check_model(model: nn.Module, qcfg: QuantConfig) -> None:
+    """Fail fast (QVLMError) if qcfg cannot apply to the model, e.g. a group size that does not divide a width."""
+    for info in llava.linear_layers(model, qcfg.scope):
+        m = info.module
+        in_f = m.in_features
+        if qcfg.group_size and in_f % qcfg.group_size:
+            raise QVLMError(f"group_size={qcfg.group_size} does not divide the input width {in_f} of {info.key}",
+                            "use 0 (per channel) or a group size that divides every quantized layer's width")
+
+
+def quantize_model(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
+    """Swap every linear of the scoped blocks for a QuantLinear (RTN step sizes; not frozen). In place."""
+    check_model(model, qcfg)
+    for blk in llava.blocks(model, qcfg.scope):
+        quantize_module(blk.module, qcfg)
+    return model
+
+
+def quant_linears(module: nn.Module) -> list[tuple[str, QuantLinear]]:
+    """(name, QuantLinear) pairs inside `module`, in module order."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, QuantLinear)]
+
+
+def freeze_model(model: nn.Module) -> nn.Module:
+    """freeze() every QuantLinear (bake the quantized weights)."""
+    for _, m in quant_linears(model):
+        m.freeze()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def _base_reference(model: nn.Module, base_model: str | None) -> str | None:
+    """'tiny', an absolute checkpoint directory, or None when the base cannot be reloaded (save it inline)."""
+    ref = base_model or getattr(model, "name_or_path", "") or ""
+    if ref == "tiny":
+        return ref
+    if ref and (Path(ref) / "config.json").is_file() and not (Path(ref) / QUANT_META).is_file():
+        return str(Path(ref).resolve())
+    return None
+
+
+FINGERPRINT_ATTR = "_qvlm_fp_fingerprint"   # set on the model by qvlm.methods.quantize before anything changes
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> dict[str, tuple]:
+    """{state-dict key: (sum, sum of squares, position-weighted sum)} in float64: a cheap per-tensor checksum that
+    tells, at save time, which FP tensors a method changed (smoothing folds into norms, VEO trains the vision tower)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if not v.is_floating_point():
+            continue
+        t = v.detach().reshape(-1).double()
+        w = (torch.arange(t.numel(), device=t.device) % 1009 + 1).double()
+        out[k] = (float(t.sum()), float(t.pow(2).sum()), float((t * w).sum()))
+    return out
+
+
+def save_quantized(model: nn.Module, qcfg: QuantConfig, method_info: dict, out_dir, *, processor=None,
+                   base_model: str | None = None) -> Path:
+    """Write a quantized model directory atomically: qvlm_quant.json + quantized.safetensors (+ base/ if needed).
+
+    Stored: integer codes + (w_scale, w_zero_point) of each QuantLinear (FP weights for NF4 / 16-bit layers) and its
+    optional tensors (input_scale, static a_scale, ...); plus every other tensor the method CHANGED (e.g. norms
+    rescaled by smoothing, a vision tower trained by Q-VLM's VEO), found by comparing with the fingerprint that
+    qvlm.methods.quantize took before quantizing (without one: every tensor but the input embeddings and lm_head).
+    Everything else comes from the base model ('tiny' or a checkpoint path). A model whose base cannot be reloaded
+    (e.g. build_random) is stored whole, with its config and processor, in the same format."""
+    from safetensors.torch import save_file
+
+    qls = quant_linears(model)
+    if any(not m.weight_on_grid for _, m in qls):
+        raise QVLMError("the model has unfrozen QuantLinear layers", "call qvlm.qlinear.freeze_model(model) first")
+    base = _base_reference(model, base_model)
+    if base is None and processor is None:
+        raise QVLMError("the base model cannot be reloaded by name and no processor was given",
+                        "pass base_model='tiny' / a checkpoint path, or processor= to store the model whole")
+    tensors, lin_names = {}, {n for n, _ in qls}
+    for name, m in qls:
+        for k, v in m.export_tensors().items():
+            tensors[f"{name}.{k}"] = v
+    before = getattr(model, FINGERPRINT_ATTR, None)
+    now = fingerprint(model) if before is not None else {}
+    never = {_state_key(model, model.get_input_embeddings()), _state_key(model, model.get_output_embeddings())}
+    for k, v in model.state_dict().items():
+        if k.rsplit(".", 1)[0] in lin_names:
+            continue
+        if base is not None:
+            if before is not None and (k in before and before[k] == now.get(k)):
+                continue                                      # unchanged: comes from the base checkpoint
+            if before is None and k in never:
+                continue
+        tensors[k] = v.detach().contiguous()
+    meta = dict(format_version=FORMAT_VERSION, base_model=base, self_contained=base is None,
+                quant_config=dataclasses.asdict(qcfg), method=method_info,
+                dtype=str(llava.model_dtype(model)).replace("torch.", ""),
+                linears={name: m.spec() for name, m in qls})
+    with atomic_dir(out_dir) as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / QUANT_TENSORS))
+        if base is None:
+            model.config.save_pretrained(tmp / "base")
+            processor.save_pretrained(tmp / "base")
+        (tmp / QUANT_META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(out_dir)
+
+
+def _state_key(model: nn.Module, module: nn.Module | None) -> str:
+    """The state-dict key of `module`'s weight ('' if it has none)."""
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{name}.weight"
+    return ""
+
+
+def read_meta(path) -> dict:
+    """The parsed qvlm_quant.json of a quantized-model directory."""
+    f = Path(path) / QUANT_META
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise QVLMError(f"cannot read {f}: {type(e).__name__}", "re-run `qvlm quantize` to rewrite the directory") from None
+
+
+def load_quantized(path, device: str = "cpu", dtype: str = "float32"):
+    """(model, processor) from a directory written by save_quantized. Model in eval mode, layers frozen."""
+    from safetensors.torch import load_file
+
+    from . import models
+
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise QVLMError(f"{path} has quantized-model format {meta.get('format_version')!r}, expected {FORMAT_VERSION}",
+                        "re-run `qvlm quantize` with this version of qvlm")
+    if meta["self_contained"]:
+        from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+        config = LlavaConfig.from_pretrained(path / "base")
+        model = LlavaForConditionalGeneration(config).to(getattr(torch, dtype)).eval()
+        processor = AutoProcessor.from_pretrained(path / "base")
+    else:
+        model, processor = models.load(meta["base_model"], device="cpu", dtype=dtype)
+    if not (path / QUANT_TENSORS).is_file():
+        raise QVLMError(f"{path} has no {QUANT_TENSORS}", "re-run `qvlm quantize` to rewrite the directory")
+    try:
+        tensors = load_file(str(path / QUANT_TENSORS))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise QVLMError(f"cannot read {path / QUANT_TENSORS}: {type(e).__name__}",
+                        "the directory is corrupt; re-run `qvlm quantize`") from None
+    for name, spec in meta["linears"].items():
+        lin = model.get_submodule(name)
+        ql = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, device=lin.weight.device,
+                         dtype=lin.weight.dtype, **spec)
+        prefix = name + "."
+        ql.import_tensors({k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)
+                           and "." not in k[len(prefix):]})
+        _set_module(model, name, ql)
+    sd_dtype = llava.model_dtype(model)
+    missing, unexpected = model.load_state_dict({k: v.to(sd_dtype) if v.is_floating_point() else v
+                                                 for k, v in tensors.items()}, strict=False)
+    ql_names = set(meta["linears"])
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in ql_names]
+    if meta["self_contained"] and missing:
+        raise QVLMError(f"{path} lacks tensor {missing[0]}", "the directory is incomplete; re-run `qvlm quantize`")
+    if unexpected:
+        raise QVLMError(f"{path} holds tensors the model does not have (e.g. {unexpected[0]})",
+                        "the base model differs from the one that was quantized")
+    model.to(device).eval()
+    return model, processor
