@@ -87,9 +87,11 @@ def to_markdown(res: dict) -> str:
     cfgs = res["configs"]
     by = {(r["method"], r["config"]): r for r in res["rows"]}
     names = [n for n in dict.fromkeys(r["method"] for r in res["rows"]) if n != "fp"]
-    cell = lambda r: "error" if r is None or "error" in r else f"{100 * r['accuracy']:.1f} ({-r['drop']:+.1f})"  # noqa: E731
+    cell = lambda r: ("error" if r is None or "error" in r                                  # noqa: E731
+                      else f"{100 * r['accuracy']:.1f} ({-r['drop']:+.1f})")
     lines = [f"Testbed `{res['model']}`, {res['n_eval']} test samples, calibration {res['calib']['n_calib']} train "
-             f"samples (seed {res['seed']}), iters {res['iters']}; {res['device']} {res['dtype']}, torch {res['torch']}, "
+             f"samples (seed {res['seed']}), iters {res['iters']}; {res['device']} {res['dtype']}, "
+             f"torch {res['torch']}, "
              f"{res['threads']} threads. FP accuracy {100 * res['fp_accuracy']:.1f} %.", "",
              "Accuracy % (change vs FP in points)", "",
              "| method | " + " | ".join(cfgs) + " |", "|---|" + "---|" * len(cfgs)]

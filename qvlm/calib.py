@@ -223,7 +223,8 @@ def _units(blocks: list, units) -> list[list]:
         out.append(ub)
         seen += u
     if seen != [b.key for b in blocks]:
-        raise QVLMError("units must cover every scoped block once, in forward order", f"blocks: {[b.key for b in blocks]}")
+        raise QVLMError("units must cover every scoped block once, in forward order",
+                        f"blocks: {[b.key for b in blocks]}")
     return out
 
 
@@ -260,7 +261,8 @@ def calibrate(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfi
             rows = [i for i, (q, f) in enumerate(zip(q_caps, f_caps)) if q is not None and f is not None]
             if not rows:
                 raise QVLMError(f"no calibration sample reaches block {key} (e.g. only text-only samples for the "
-                                "vision tower)", "calibrate with samples that have images, or drop that part from --scope")
+                                "vision tower)",
+                                "calibrate with samples that have images, or drop that part from --scope")
             state = dict(part=g[0].part,
                          inputs=[q_caps[i][0][0] for i in rows], fp_inputs=[f_caps[i][0][0] for i in rows],
                          args=[q_caps[i][0][1:] for i in rows], kwargs=[q_caps[i][1] for i in rows],

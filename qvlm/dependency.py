@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calib import _token_mask, capture_inputs, model_batches
+from .calib import capture_inputs, model_batches
 from .config import QuantConfig
 from .entropy import (InputTap, act_codes, act_step, check_train_split, entropy, find_units, image_token_id,
                       iterate_batches, model_inputs, run_entropy, token_masks)
@@ -172,7 +172,8 @@ def save_dependency(stats: DependencyStats, path) -> Path:
 def load_dependency(path) -> DependencyStats:
     d = torch.load(path, weights_only=True)
     if d.get("kind") != "dependency":
-        raise QVLMError(f"{path} is not a dependency artifact", "pass a file written by qvlm.dependency.save_dependency")
+        raise QVLMError(f"{path} is not a dependency artifact",
+                        "pass a file written by qvlm.dependency.save_dependency")
     d.pop("kind")
     return DependencyStats(**d)
 
@@ -211,7 +212,7 @@ class DEDStats:
     """Per measured edge k: output error of unit k+1 after layer-wise vs joint rounding search, and their gap."""
     config: dict
     units: list                                   # [[linear key, ...], ...]
-    rows: list = field(default_factory=list)      # [{edge, unit, successor, e_layerwise, e_joint, ded, rel_ded, energy}]
+    rows: list = field(default_factory=list)      # [{edge, unit, successor, e_layerwise, e_joint, ded, rel_ded, ...}]
 
     def ded(self, relative: bool = True) -> dict:
         """{edge index: DED} (relative to the successor's FP output energy by default)."""
@@ -238,8 +239,10 @@ def _edge_ded(blocks: list, unit_a: list, unit_b: list, inputs: list, args: list
     fp_mods = [b.module for b in blocks]
     by_key = {f"{b.key}.{n}": m for b in blocks for n, m in b.module.named_modules()}
     with torch.no_grad():
-        t_a = [qround.group_forward(fp_mods, [by_key[k] for k in unit_a], args, kwargs)(x, i) for i, x in enumerate(inputs)]
-        t_b = [qround.group_forward(fp_mods, [by_key[k] for k in unit_b], args, kwargs)(x, i) for i, x in enumerate(inputs)]
+        fa = qround.group_forward(fp_mods, [by_key[k] for k in unit_a], args, kwargs)
+        fb = qround.group_forward(fp_mods, [by_key[k] for k in unit_b], args, kwargs)
+        t_a = [fa(x, i) for i, x in enumerate(inputs)]                       # FP outputs of unit a
+        t_b = [fb(x, i) for i, x in enumerate(inputs)]                       # FP outputs of unit b
     # layer-wise: unit a on its own output, then unit b on its own output with a frozen (sequential AdaRound)
     torch.manual_seed(seed)
     mods, qls = _window(blocks, qcfg, set(unit_a) | set(unit_b))
@@ -281,6 +284,7 @@ def run_ded(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfig 
     todo = [e for e in range(len(units) - 1) if units[e].part == units[e + 1].part] if edges is None else list(edges)
     batches = model_batches(samples, processor, batch_size, llava.model_device(model), llava.model_dtype(model))
     cache: dict[str, list] = {}
+    batches_of: dict[str, list] = {}
     out = DEDStats(dict(asdict(cfg), bits=qcfg.a_bits, w_bits=qcfg.w_bits, scope=list(scope), seed=seed,
                         n_calib=len(samples), joint_budget=joint_budget, **(meta or {})), [list(u.keys) for u in units])
     for e in todo:
@@ -291,14 +295,24 @@ def run_ded(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfig 
         span = [layers[k] for k in order[order.index(first): order.index(last) + 1]]
         if first not in cache:
             with torch.no_grad():
-                cache[first] = [c for c in capture_inputs(model, batches, layers[first].module) if c is not None]
+                caps = capture_inputs(model, batches, layers[first].module)
+            cache[first] = [c for c in caps if c is not None]
+            batches_of[first] = [bt for bt, c in zip(batches, caps) if c is not None]
         caps = cache[first]
         inputs = [c[0][0] for c in caps]
-        masks = [_token_mask(bt, x) for bt, x in zip([bt for bt, c in zip(batches, caps)], inputs)]
+        masks = [_valid_tokens(bt, x) for bt, x in zip(batches_of[first], inputs)]
         row = _edge_ded(span, a.keys, b.keys, inputs, [c[0][1:] for c in caps], [c[1] for c in caps], masks,
                         qcfg, cfg, seed, joint_budget)
         out.rows.append(dict(edge=e, unit=a.name, successor=b.name, **row))
     return out
+
+
+def _valid_tokens(batch: dict, x: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the attention mask where x is aligned with input_ids (LLM), else all tokens (vision/projector)."""
+    am = batch["attention_mask"]
+    if tuple(am.shape) == tuple(x.shape[:2]):
+        return am.bool()
+    return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
 
 
 def ded_vs_entropy(ded: DEDStats, unit_entropy: list[float], relative: bool = True) -> dict:

@@ -66,8 +66,8 @@ _ACT_TENSORS = ("input_scale", "a_scale", "a_zero_point", "a_clip")    # optiona
 @functools.cache
 def _layer_class():
     """DeployedLinear, defined on first use so that importing qvlm.deploy does not import triton / kernels."""
-    from kernels import PackedLinear, can_launch, pack_int4
-    from kernels import w4a4_matmul, w4a4_ref, w8a8_matmul, w8a8_ref
+    from kernels import (PackedLinear, act_quant, act_quant_ref, can_launch, pack_int4, w4a4_matmul, w4a4_ref,
+                         w4a16_matmul, w4a16_ref, w8a8_matmul, w8a8_ref)
     from kernels.pack import PackedWeight
 
     class DeployedLinear(PackedLinear):
@@ -112,21 +112,35 @@ def _layer_class():
             return q, scale.float().reshape(-1, 1).expand(x2.shape[0], 1).contiguous()         # (M, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            """PackedLinear.forward's dispatch, plus input_scale, the torch activation quantizers and, in the
+            interpreter, big tiles (INTERPRETER_BLOCK): the same kernels, same integers."""
             if self.input_scale is not None:
                 x = x / self.input_scale.to(x.dtype)                 # smoothing (weight holds W * input_scale)
-            if self.act == "token" or self.mode == "w4a16":
-                return super().forward(x)                            # act_quant kernel (or no activation quant)
             lead = x.shape[:-1]
             x2 = x.reshape(-1, self.in_features)                                    # (M, K)
-            q, a_scale = self.act_codes(x2)
             launch = can_launch(x2)
+            block = INTERPRETER_BLOCK if launch and not x2.is_cuda else None        # None: autotune on CUDA
             zp = None if self.symmetric else self.zero_point
-            if self.mode == "w8a8":
-                y = (w8a8_matmul if launch else w8a8_ref)(q, a_scale, self.qweight, self.scale, zp, out_dtype=x.dtype)
-            else:                                                                   # w4a4: pack the codes first
-                a_p = pack_int4(q, signed=True)                                     # (M, K/2) uint8
-                y = (w4a4_matmul if launch else w4a4_ref)(a_p, a_scale, self.qweight, self.scale, zp,
-                                                          self.symmetric, out_dtype=x.dtype)
+            if self.mode == "w4a16":
+                y = (w4a16_matmul(x2, self.qweight, self.scale, zp, self.symmetric, block=block) if launch
+                     else w4a16_ref(x2, self.qweight, self.scale, zp, self.symmetric))
+            else:
+                pack = self.mode == "w4a4"                                          # int4 codes two per byte
+                if self.act != "token":                                             # clip / static / tensor
+                    q, a_scale = self.act_codes(x2)
+                    a = pack_int4(q, signed=True) if pack else q
+                elif launch:
+                    a, a_scale = act_quant(x2, self.a_bits, pack=pack,
+                                           BLOCK_M=INTERPRETER_BLOCK["BLOCK_M"] if block else None)
+                else:
+                    a, a_scale = act_quant_ref(x2, self.a_bits, pack=pack)
+                if pack:
+                    y = (w4a4_matmul if launch else w4a4_ref)(a, a_scale, self.qweight, self.scale, zp,
+                                                              self.symmetric, out_dtype=x.dtype,
+                                                              **({"block": block} if launch else {}))
+                else:
+                    y = (w8a8_matmul if launch else w8a8_ref)(a, a_scale, self.qweight, self.scale, zp,
+                                                              out_dtype=x.dtype, **({"block": block} if launch else {}))
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y.reshape(*lead, self.out_features)
@@ -146,6 +160,11 @@ def _layer_class():
 
 
 ACT_QUANTIZERS = ("token", "clip", "static", "tensor")    # token = dynamic per-token symmetric: the act_quant kernel
+# Tiles for Triton's CPU interpreter, whose cost is per program and per op, not per element: 512 x 256 output tiles
+# run a testbed layer ~20x faster than the GPU-sized defaults (kernels/*.DEFAULT_BLOCK). Ragged edges are still
+# masked (M is rarely a multiple of 512). BLOCK_K stays each kernel's default, which it shrinks to divide the group
+# size. On CUDA the kernels autotune and this is not used.
+INTERPRETER_BLOCK = {"BLOCK_M": 512, "BLOCK_N": 256}
 
 
 def __getattr__(name):               # qvlm.deploy.DeployedLinear, without importing kernels at module import
@@ -485,6 +504,49 @@ def _categorise(model: nn.Module) -> dict[str, tuple[str, int]]:
     return out
 
 
+# Parameters of llava-1.5-7b that stay FP16 (not in LLAVA_7B_LINEARS): embed_tokens + lm_head (32000 x 4096 each),
+# CLIP patch conv (1024 x 3 x 14 x 14), position (577 x 1024) and class (1024) embeddings, LayerNorms (2 per vision
+# layer + pre / post, 2 x 1024 each), vision + projector biases, RMSNorms (65 x 4096).
+LLAVA_7B_FP_PARAMS = (2 * 32000 * 4096 + 1024 * 3 * 14 * 14 + 577 * 1024 + 1024 + (2 * 24 + 2) * 2 * 1024
+                      + 24 * (4 * 1024 + 4096 + 1024) + 4096 + 4096 + 65 * 4096)
+
+
+def memory_summary(model: nn.Module, processor, w_bits: int = 4, group_sizes=(0,)) -> list[dict]:
+    """Linear-weight bytes vs FP16 for W{w_bits} weights (weight-only RTN) at each group size, three ways:
+    measured on a deployed copy of `model`; measured on one llava-width layer (4096 inputs, 1024 outputs) at
+    group 0 and 128; and by formula (`linear_bytes_total`) for llava-1.5-7b, whose whole-model fraction adds its
+    FP16 embeddings / lm_head / norms / biases (LLAVA_7B_FP_PARAMS)."""
+    import copy
+
+    from . import methods
+    from .config import QuantConfig
+    from .qlinear import QuantLinear
+
+    a_bits = 16 if w_bits <= 4 else 8                                # W8 has no weight-only kernel: pair it with A8
+    rows = []
+
+    def row(weights, g, lin, model_fraction=None, model_fraction_fp16_rest=None):
+        rows.append(dict(weights=weights, w_bits=w_bits, group_size=g, linear_bytes=lin["bytes"],
+                         linear_fp16_bytes=lin["fp16_bytes"], ratio=round(lin["fp16_bytes"] / lin["bytes"], 3),
+                         model_fraction=model_fraction, model_fraction_fp16_rest=model_fraction_fp16_rest))
+
+    for g in group_sizes:
+        qcfg = QuantConfig(w_bits=w_bits, a_bits=a_bits, group_size=g)
+        m, _ = methods.quantize(copy.deepcopy(model), processor, "rtn", qcfg, progress=False)
+        rep = memory_report(deploy(m))
+        row("this model (measured)", g, rep["linear"], round(rep["total"]["fraction"], 4),
+            round(1 / rep["total"]["ratio_fp16_rest"], 4))
+    for g in (0, 128):
+        ql = QuantLinear.from_linear(nn.Linear(4096, 1024), QuantConfig(w_bits=w_bits, a_bits=a_bits, group_size=g))
+        row("one 4096 -> 1024 linear (measured)", g, memory_report(deploy(nn.Sequential(ql)))["linear"])
+    for g in (0, 128):
+        f = linear_bytes_total(LLAVA_7B_LINEARS, w_bits, g)
+        fp16_rest = LLAVA_7B_FP_PARAMS * FP16_BYTES
+        row("llava-1.5-7b linears (formula)", g, f, round((f["bytes"] + fp16_rest) / (f["fp16_bytes"] + fp16_rest), 4),
+            round((f["bytes"] + fp16_rest) / (f["fp16_bytes"] + fp16_rest), 4))
+    return rows
+
+
 def _safetensors_sizes(file: Path) -> dict[str, int]:
     """{tensor name: bytes on disk} from a safetensors header (8-byte length + JSON with data_offsets)."""
     with open(file, "rb") as f:
@@ -612,13 +674,15 @@ def integer_accumulator(fake_layer, packed_layer, x: torch.Tensor) -> tuple[torc
     x = x.reshape(-1, fake_layer.in_features)
     if fake_layer.input_scale is not None:
         x = x / fake_layer.input_scale.to(x.dtype)
-    launch = kn.can_launch(x)
-    if packed_layer.mode == "w8a8":
-        a, _ = (kn.act_quant if launch else kn.act_quant_ref)(x, packed_layer.a_bits)
-        acc = (kn.w8a8_int32 if launch else kn.w8a8_int32_ref)(a, packed_layer.qweight)
+    pack = packed_layer.mode == "w4a4"
+    if kn.can_launch(x):
+        block = INTERPRETER_BLOCK if not x.is_cuda else None
+        a, _ = kn.act_quant(x, packed_layer.a_bits, pack=pack, BLOCK_M=block["BLOCK_M"] if block else None)
+        acc = (kn.w4a4_int32(a, packed_layer.qweight, True, block=block) if pack
+               else kn.w8a8_int32(a, packed_layer.qweight, block=block))
     else:
-        a, _ = (kn.act_quant if launch else kn.act_quant_ref)(x, packed_layer.a_bits, pack=True)
-        acc = (kn.w4a4_int32 if launch else kn.w4a4_int32_ref)(a, packed_layer.qweight, True)
+        a, _ = kn.act_quant_ref(x, packed_layer.a_bits, pack=pack)
+        acc = kn.w4a4_int32_ref(a, packed_layer.qweight, True) if pack else kn.w8a8_int32_ref(a, packed_layer.qweight)
     q_a = quant.quantize_act(x.float(), fake_layer.a_bits)[0].double()                       # (M, K)
     q_w = quant.quantize_weight(fake_layer.quant_weight().float(), fake_layer.w_bits, fake_layer.group_size,
                                 True, fake_layer.w_scale, fake_layer.w_zero_point)[0].double()  # (N, K)
@@ -631,6 +695,64 @@ def gpu_bench_results(directory=None) -> list[dict]:
     runs = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
     runs = [r for r in runs if isinstance(r, dict) and "meta" in r and "rows" in r]
     return sorted(runs, key=lambda r: r["meta"].get("date", ""), reverse=True)
+
+
+# ------------------------------------------------------------------------------------ fake-quant vs packed
+# Samples run through the kernel-backed model per mode when the kernels run in the CPU interpreter (its cost is
+# ~10 s per 16 testbed samples per scheme); on CUDA, or with the torch references, `n_eval` of the run is used.
+INTERPRETER_EVAL = {"smoke": 16, "full": 64}
+
+
+def packed_eval_size(mode: str, n_eval: int, device: str = "cpu") -> int:
+    """How many test samples notebook 06 runs through the packed model (0 = the whole split)."""
+    import kernels
+
+    if not str(device).startswith("cuda") and kernels.INTERPRET:
+        return INTERPRETER_EVAL[mode] if n_eval == 0 else min(n_eval, INTERPRETER_EVAL[mode])
+    return n_eval
+
+
+def largest_group_size(model: nn.Module, cap: int = 128, scope=None) -> int:
+    """The largest even group size <= cap that divides the input width of every quantizable linear (0 if none)."""
+    import math
+
+    from .config import SCOPES
+    from .models import llava
+
+    widths = {info.module.in_features for info in llava.linear_layers(model, scope or SCOPES)}
+    g = functools.reduce(math.gcd, widths)
+    return max((d for d in range(2, min(g, cap) + 1, 2) if g % d == 0), default=0)
+
+
+def quantize_and_deploy(model: nn.Module, processor, samples: list[dict], qcfg, method: str = "rtn",
+                        calib_cfg=None, batch_size: int = 16, probe: str = "") -> dict:
+    """Quantize a COPY of `model` with `method`, predict `samples` with the fake-quant model, deploy it, predict
+    again with the packed model. Returns scheme, fake_acc, packed_acc, agreement (share of identical predictions),
+    seconds of each pass, `model` (the packed model) and `probe` = (QuantLinear, its input) for the layer named
+    `probe` (default: the first LLM linear), to check its integer accumulator with `integer_accumulator`."""
+    import copy
+    import time
+
+    from . import evaluate, methods
+    from .qlinear import quant_linears
+
+    qmodel, _ = methods.quantize(copy.deepcopy(model), processor, method, qcfg, calib_cfg, progress=False)
+    qls = dict(quant_linears(qmodel))
+    probe = probe or next((n for n in qls if "language_model" in n), next(iter(qls)))
+    seen = {}
+    hook = qls[probe].register_forward_hook(lambda m, a, y: seen.setdefault("x", a[0].detach()))
+    t0 = time.perf_counter()
+    fake = evaluate.predict(qmodel, processor, samples, batch_size, progress=False)
+    t1 = time.perf_counter()
+    hook.remove()
+    deploy(qmodel)
+    t2 = time.perf_counter()
+    packed = evaluate.predict(qmodel, processor, samples, batch_size, progress=False)
+    t3 = time.perf_counter()
+    acc = lambda preds: sum(p == s["answer"] for p, s in zip(preds, samples)) / len(samples)  # noqa: E731
+    return dict(scheme=scheme(qmodel)["name"], method=method, n=len(samples), fake_acc=acc(fake),
+                packed_acc=acc(packed), agreement=sum(a == b for a, b in zip(fake, packed)) / len(samples),
+                fake_seconds=t1 - t0, packed_seconds=t3 - t2, model=qmodel, probe=(probe, qls[probe], seen["x"]))
 
 
 # --------------------------------------------------------------------------------------------------------- CLI

@@ -66,7 +66,8 @@ class VEOConfig:
         if self.kernel not in KERNELS:
             raise QVLMError(f"unknown entropy kernel {self.kernel!r}", f"use one of {', '.join(KERNELS)}")
         if self.encoder_params not in ENCODER_PARAMS:
-            raise QVLMError(f"unknown encoder_params {self.encoder_params!r}", f"use one of {', '.join(ENCODER_PARAMS)}")
+            raise QVLMError(f"unknown encoder_params {self.encoder_params!r}",
+                            f"use one of {', '.join(ENCODER_PARAMS)}")
         if self.tokens not in ("all", "image"):
             raise QVLMError(f"unknown token set {self.tokens!r}", "use 'all' or 'image'")
         if self.eta < 0 or self.iters < 0:
@@ -204,7 +205,8 @@ class VEOResult:
 
 
 def run_disentangle(model: nn.Module, processor, samples: list[dict], cfg: VEOConfig | None = None,
-                    qcfg: QuantConfig | None = None, bits: int = 0, seed: int = 0, meta: dict | None = None) -> VEOResult:
+                    qcfg: QuantConfig | None = None, bits: int = 0, seed: int = 0,
+                    meta: dict | None = None) -> VEOResult:
     """Optimise the chosen vision-tower parameters IN PLACE on L_VEO; returns the artifact (R10: search step)."""
     cfg, qcfg = cfg or VEOConfig(), qcfg or QuantConfig()
     bits = check_bits(bits or qcfg.a_bits, "bits")

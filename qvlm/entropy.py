@@ -107,7 +107,7 @@ def token_masks(part: str, x: torch.Tensor, batch: dict, image_token_id: int) ->
         ones = torch.ones(n, dtype=torch.bool)
         return ones, ones
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    assert x.shape[:-1] == ids.shape, f"LLM linear input {tuple(x.shape)} does not align with input_ids {tuple(ids.shape)}"
+    assert x.shape[:-1] == ids.shape, f"LLM input {tuple(x.shape)} does not align with input_ids {tuple(ids.shape)}"
     return mask.bool().reshape(-1).cpu(), (ids == image_token_id).reshape(-1).cpu()
 
 

@@ -60,7 +60,8 @@ class PartitionConfig:
         if not isinstance(self.max_depth, int) or self.max_depth < 1:
             raise QVLMError(f"max_depth={self.max_depth!r} must be an integer >= 1", "pass --max-depth 1 or more")
         if self.threshold == "quantile" and not 0.0 <= self.p <= 1.0:
-            raise QVLMError(f"quantile threshold p={self.p} is outside [0, 1]", "pass 0 <= p <= 1, or threshold='absolute'")
+            raise QVLMError(f"quantile threshold p={self.p} is outside [0, 1]",
+                            "pass 0 <= p <= 1, or threshold='absolute'")
         if self.proxy not in ("entropy", "dependency"):
             raise QVLMError(f"unknown dependency proxy {self.proxy!r}", "use 'entropy' or 'dependency'")
 

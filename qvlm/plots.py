@@ -102,7 +102,7 @@ def paired_bars(df, x: str, cols: list[str], title: str = "", ylabel: str = "", 
     ax.set_xlabel("")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.figure.tight_layout()
     return ax.figure
 
@@ -180,6 +180,7 @@ def cost_accuracy(df, x: str, y: str, label: str, title: str = "", xlabel: str =
     sns.scatterplot(df, x=x, y=y, hue=label, s=70, ax=ax, legend=False)
     for _, r in df.iterrows():
         ax.annotate(str(r[label]), (r[x], r[y]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.margins(x=0.25, y=0.1)
     if ref is not None:
         ax.axhline(ref, color="k", ls="--", lw=1, label=ref_label)
         ax.legend(fontsize=8)

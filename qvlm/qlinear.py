@@ -46,7 +46,8 @@ from .utils import atomic_dir
 QUANT_META = "qvlm_quant.json"          # presence of this file marks a quantized-model directory
 QUANT_TENSORS = "quantized.safetensors"
 FORMAT_VERSION = 1
-# AdaRound's rectified sigmoid stretch (Nagel et al. 2020, Eq. 23): h(a) = clamp(sigmoid(a) * (ZETA - GAMMA) + GAMMA, 0, 1)
+# AdaRound's rectified sigmoid stretch (Nagel et al. 2020, Eq. 23):
+#     h(a) = clamp(sigmoid(a) * (ZETA - GAMMA) + GAMMA, 0, 1)
 ZETA, GAMMA = 1.1, -0.1
 _OPTIONAL = ("input_scale", "a_scale", "a_zero_point", "a_clip", "round_logits")   # tensors a layer may carry
 
@@ -162,7 +163,8 @@ class QuantLinear(nn.Linear):
     def init_learned_rounding(self) -> None:
         """Start AdaRound: logits with h(alpha) = frac(W / scale), so hard rounding == round-to-nearest."""
         if self.weight_format != "int":
-            raise QVLMError("learned rounding needs weight_format 'int'", "use weight_format='int' (NF4 has no offsets)")
+            raise QVLMError("learned rounding needs weight_format 'int'",
+                            "use weight_format='int' (NF4 has no rounding offsets)")
         if self.weight_on_grid:
             raise QVLMError("this layer is already frozen", "initialise learned rounding before freeze()")
         wg, s, _ = self._grid()
@@ -209,7 +211,8 @@ class QuantLinear(nn.Linear):
             gran_max = x.amax(dim=-1, keepdim=True) if self.a_granularity == "token" else x.max()
             clip = self.a_clip.clamp(0.05, 1.0)
             scale, zero_point = quant.qparams_from_minmax(gran_min.detach().float() * clip,
-                                                          gran_max.detach().float() * clip, self.a_bits, self.a_symmetric)
+                                                          gran_max.detach().float() * clip,
+                                                          self.a_bits, self.a_symmetric)
             xq = quant.fake_quant(x, scale.to(x.dtype), zero_point.to(x.dtype), self.a_bits, self.a_symmetric, ste)
         else:                                            # dynamic per token (or per tensor if not calibrated yet)
             xq = quant.fake_quant_act(x, self.a_bits, self.a_symmetric, self.a_granularity, ste=ste)
@@ -436,7 +439,8 @@ def read_meta(path) -> dict:
     try:
         return json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise QVLMError(f"cannot read {f}: {type(e).__name__}", "re-run `qvlm quantize` to rewrite the directory") from None
+        raise QVLMError(f"cannot read {f}: {type(e).__name__}",
+                        "re-run `qvlm quantize` to rewrite the directory") from None
 
 
 def load_quantized(path, device: str = "cpu", dtype: str = "float32"):

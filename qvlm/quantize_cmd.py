@@ -77,7 +77,8 @@ def _quantize(args) -> int:
     method_info.update(accuracy=res["accuracy"], eval_n=res["n"])
     base = args.model if args.model == "tiny" else str(Path(args.model).resolve())
     save_quantized(model, QuantConfig(**info["quant_config"]), method_info, out, processor=processor, base_model=base)
-    print(f"{method.name} {qcfg.tag}: accuracy {res['accuracy']:.4f} (n={res['n']})  search {info['search_seconds']:.1f} s  "
+    print(f"{method.name} {qcfg.tag}: accuracy {res['accuracy']:.4f} (n={res['n']})  "
+          f"search {info['search_seconds']:.1f} s  "
           f"peak memory {info['peak_memory_bytes'] / 2**20:.1f} MiB ({info['peak_memory_kind']})  -> {out}")
     for c, a in res["per_category"].items():
         print(f"  {c:<12s} {a:.4f}")
@@ -95,7 +96,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                    "(every name registered in qvlm.methods.METHODS)")
     p.add_argument("--w-bits", type=int, default=q.w_bits, help="weight bits: 2..8, or 16 = keep FP")
     p.add_argument("--a-bits", type=int, default=q.a_bits, help="activation bits: 2..8, or 16 = keep FP")
-    p.add_argument("--group-size", type=int, default=q.group_size, help="0 = per output channel, else a divisor of each width")
+    p.add_argument("--group-size", type=int, default=q.group_size,
+                   help="0 = per output channel, else a divisor of each width")
     p.add_argument("--w-asym", action="store_true", help="asymmetric weights (default symmetric)")
     p.add_argument("--a-asym", action="store_true", help="asymmetric activations (default symmetric)")
     p.add_argument("--a-granularity", default=q.a_granularity, choices=["token", "tensor"],

@@ -39,7 +39,8 @@ class Method:
     needs_data: bool                              # calibration data needed even with dynamic activations
     summary: str
     units: Callable | None = None                 # optional (model, qcfg, cfg) -> [[block key, ...], ...]
-    run: Callable | None = None                   # optional full override (model, processor, samples, qcfg, calib_cfg, cfg, progress) -> stats
+    # optional full override: run(model, processor, samples, qcfg, calib_cfg, cfg, progress) -> stats
+    run: Callable | None = None
 
     def make_config(self, **knobs) -> Any:
         """The method's config with `knobs` overriding the defaults (unknown knob -> QVLMError)."""

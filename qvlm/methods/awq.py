@@ -31,7 +31,7 @@ class AWQConfig:
     n_grid: int = 20               # candidates for the scale exponent r, and for the clip shrink (reference)
     clip: bool = True              # run the clip search after the scale search
     max_shrink: float = 0.5        # clip ratios tried: 1 - i / n_grid for i < max_shrink * n_grid (reference)
-    n_clip_tokens: int = 512       # calibration tokens (random subset, seeded by the calibration seed) for the clip search
+    n_clip_tokens: int = 512       # tokens for the clip search (random subset, seeded by the calibration seed)
     unfoldable: str = "input_scale"  # groups with no foldable producer: "input_scale" (explicit) | "skip"
 
 
@@ -108,10 +108,12 @@ def quantize_unit(data, qcfg, cfg: AWQConfig) -> dict:
             for i, x in enumerate(data.module_inputs(ql)):
                 if ql.input_scale is not None:
                     x = x / ql.input_scale.to(x.dtype)
-                xs.append(data.tokens(i, x) if tuple(x.shape[:-1]) == tuple(data.masks[i].shape) else x.reshape(-1, x.shape[-1]))
+                valid = tuple(x.shape[:-1]) == tuple(data.masks[i].shape)
+                xs.append(data.tokens(i, x) if valid else x.reshape(-1, x.shape[-1]))                 # (n, C)
             x = torch.cat(xs)                                                       # (n_tokens, C)
             if x.shape[0] > cfg.n_clip_tokens:
-                x = x[torch.randperm(x.shape[0], device=x.device)[: cfg.n_clip_tokens].sort().values]   # seeded by quantize()
+                keep = torch.randperm(x.shape[0], device=x.device)[: cfg.n_clip_tokens]      # seeded by quantize()
+                x = x[keep.sort().values]
             best = search_clip(ql, x, cfg.n_grid, cfg.max_shrink)
             stats.setdefault("clip", {})[key] = float(best.mean())
     return stats

@@ -62,7 +62,8 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group_size
         L = torch.linalg.cholesky(H)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)      # upper Cholesky of H^-1
     except RuntimeError:
-        raise QVLMError("GPTQ: the layer's Hessian is not positive definite", "raise percdamp (e.g. percdamp=0.1)") from None
+        raise QVLMError("GPTQ: the layer's Hessian is not positive definite",
+                        "raise percdamp (e.g. percdamp=0.1)") from None
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)

@@ -44,11 +44,15 @@ def resolve_path(name_or_path: str) -> Path:
 def load(name_or_path: str = "tiny", device: str = "cpu", dtype: str = "float32", device_map=None):
     """(model, processor) from 'tiny' or a local llava-hf checkpoint directory. Model in eval mode.
 
-    A directory written by `qvlm quantize` (it holds qvlm_quant.json) is loaded by qvlm.qlinear.load_quantized."""
+    A directory written by `qvlm quantize` (it holds qvlm_quant.json) is loaded by qvlm.qlinear.load_quantized,
+    one written by `qvlm deploy` (qvlm_packed.json) by qvlm.deploy.load_packed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if name_or_path != "tiny" and (Path(name_or_path) / "qvlm_quant.json").is_file():
         from ..qlinear import load_quantized                      # lazy: qlinear imports this package
         return load_quantized(name_or_path, device=device, dtype=dtype)
+    if name_or_path != "tiny" and (Path(name_or_path) / "qvlm_packed.json").is_file():
+        from ..deploy import load_packed                          # `qvlm deploy` output: kernel-backed packed model
+        return load_packed(name_or_path, device=device, dtype=dtype)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     path = resolve_path(name_or_path)

@@ -43,7 +43,8 @@ def small():
 def _logits(model, processor, n=4):
     b = qdata.collate(qdata.load_split("tiny", "test", limit=n), processor)
     with torch.no_grad():
-        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"]).logits
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                     pixel_values=b["pixel_values"]).logits
 
 
 # ------------------------------------------------------------------------------------------------ registry
