@@ -157,9 +157,12 @@ def partition_profile(names: list[str], unit_scores: list[float], blocks: list[l
 
 
 def twin_lines(df, x: str, left: str, right: str, title: str = "", xlabel: str = "", left_label: str = "",
-               right_label: str = ""):
-    """Two y-axes over a common x (e.g. Fig. 3(a): accuracy and search cost vs max depth)."""
+               right_label: str = "", symlog_x: bool = False):
+    """Two y-axes over a common x (e.g. Fig. 3(a): accuracy and search cost vs max depth); symlog_x for sweeps
+    that span decades and include 0 (e.g. eta = 0, 0.1, 1, 10)."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
+    if symlog_x:
+        ax.set_xscale("symlog", linthresh=0.1)
     d = df.sort_values(x)
     ax.plot(d[x], d[left], marker="o", color="tab:blue")
     ax.set_ylabel(left_label or left, color="tab:blue")

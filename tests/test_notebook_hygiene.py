@@ -35,3 +35,8 @@ def test_hygiene(nb):
     assert {"MODE", "MODEL", "OUT_DIR", "SEED"} <= names, f"{nb.name}: missing standard parameters"
     lines = [l for l in "".join(params[0]["source"]).splitlines() if l.strip()]
     assert all("#" in l for l in lines), f"{nb.name}: every parameter needs a trailing comment"
+    # papermill must be able to read every parameter (its parser trips on e.g. `# "" = ...` comments,
+    # which silently drops the parameter from `papermill --help-notebook` and warns on every run)
+    import papermill as pm
+    parsed = set(pm.inspect_notebook(str(nb)))
+    assert parsed == names, f"{nb.name}: papermill cannot parse parameters {sorted(names - parsed)}"
