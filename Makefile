@@ -39,8 +39,11 @@ bench: $(STAMP)
 	$(PY) -m bench.accuracy
 	$(PY) -m bench.kernels
 
-testbed: $(STAMP)
-	$(PY) -m qvlm.testbed.train
+testbed: $(STAMP)   # the commands that made data/tiny (see data/README.md), ~35 min
+	$(PY) -m qvlm.testbed.train --out /tmp/tiny_stage3
+	$(PY) -m qvlm.testbed.train --init /tmp/tiny_stage3 --stage1-steps 0 --stage2-steps 0 --stage3-steps 1000 --stage3-lr 3e-4
+	$(PY) -m qvlm.testbed.outliers
+	$(PY) -m qvlm.testbed.sensitivity
 
 clean:
 	rm -rf results/executed results/*/smoke .pytest_cache

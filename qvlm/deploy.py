@@ -728,7 +728,7 @@ def quantize_and_deploy(model: nn.Module, processor, samples: list[dict], qcfg, 
                         calib_cfg=None, batch_size: int = 16, probe: str = "") -> dict:
     """Quantize a COPY of `model` with `method`, predict `samples` with the fake-quant model, deploy it, predict
     again with the packed model. Returns scheme, fake_acc, packed_acc, agreement (share of identical predictions),
-    seconds of each pass, `model` (the packed model) and `probe` = (QuantLinear, its input) for the layer named
+    seconds of each pass, `predictions` (fake, packed), `layer_check` (layerwise_check), `model` (the packed model) and `probe` = (QuantLinear, its input) for the layer named
     `probe` (default: the first LLM linear), to check its integer accumulator with `integer_accumulator`."""
     import copy
     import time
@@ -739,12 +739,23 @@ def quantize_and_deploy(model: nn.Module, processor, samples: list[dict], qcfg, 
     qmodel, _ = methods.quantize(copy.deepcopy(model), processor, method, qcfg, calib_cfg, progress=False)
     qls = dict(quant_linears(qmodel))
     probe = probe or next((n for n in qls if "language_model" in n), next(iter(qls)))
-    seen = {}
-    hook = qls[probe].register_forward_hook(lambda m, a, y: seen.setdefault("x", a[0].detach()))
+    seen, local = {}, {}
+
+    def keep(name):   # first call only: the probe's whole input; for every layer LOCAL_ROWS rows of (input, output)
+        def hook(m, a, y):
+            if name == probe:
+                seen.setdefault("x", a[0].detach())
+            if name not in local:
+                x2 = a[0].detach().reshape(-1, a[0].shape[-1])[:LOCAL_ROWS].clone()
+                local[name] = (x2, y.detach().reshape(-1, y.shape[-1])[:LOCAL_ROWS].clone())
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in qls.items()]
     t0 = time.perf_counter()
     fake = evaluate.predict(qmodel, processor, samples, batch_size, progress=False)
     t1 = time.perf_counter()
-    hook.remove()
+    for h in hooks:
+        h.remove()
     deploy(qmodel)
     t2 = time.perf_counter()
     packed = evaluate.predict(qmodel, processor, samples, batch_size, progress=False)
@@ -752,7 +763,35 @@ def quantize_and_deploy(model: nn.Module, processor, samples: list[dict], qcfg, 
     acc = lambda preds: sum(p == s["answer"] for p, s in zip(preds, samples)) / len(samples)  # noqa: E731
     return dict(scheme=scheme(qmodel)["name"], method=method, n=len(samples), fake_acc=acc(fake),
                 packed_acc=acc(packed), agreement=sum(a == b for a, b in zip(fake, packed)) / len(samples),
-                fake_seconds=t1 - t0, packed_seconds=t3 - t2, model=qmodel, probe=(probe, qls[probe], seen["x"]))
+                fake_seconds=t1 - t0, packed_seconds=t3 - t2, model=qmodel, probe=(probe, qls[probe], seen["x"]),
+                layer_check=layerwise_check(qmodel, local), predictions=(fake, packed))
+
+
+LAYER_RTOL = {torch.float32: 1e-4}   # layer-local check: fp32 roundoff over K ~ 1e-7..1e-5 relative
+LAYER_RTOL_HALF = 2e-2               # fp16 / bf16 outputs: one output rounding (~1e-3) plus accumulation order
+
+
+def layer_rtol(dtype) -> float:
+    """Tolerance of `layerwise_check`'s max_rel_err for a model computing in `dtype`."""
+    return LAYER_RTOL.get(dtype, LAYER_RTOL_HALF)
+
+
+LOCAL_ROWS = 64     # rows (tokens) of each layer's input kept for the layer-local check: bounded memory at 7B/13B
+
+
+def layerwise_check(packed_model: nn.Module, local: dict) -> dict:
+    """Every packed layer fed the exact input its fake-quant twin saw: max |y_packed - y_fake| / max |y_fake| over
+    layers. This is the deterministic contract (same codes, same integers, fp roundoff only). End-to-end
+    predictions are NOT bit-identical: a ~1e-6 roundoff difference can move a value across a 4-bit rounding
+    boundary in a later layer, and that one-step flip propagates (see notebook 06, section 3)."""
+    worst, worst_name = 0.0, ""
+    with torch.no_grad():
+        for name, (x, y) in local.items():
+            got = packed_model.get_submodule(name)(x)
+            err = float((got.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-12))
+            if err >= worst:
+                worst, worst_name = err, name
+    return dict(n_layers=len(local), max_rel_err=worst, worst_layer=worst_name)
 
 
 # --------------------------------------------------------------------------------------------------------- CLI

@@ -204,3 +204,17 @@ def method_bars(df, x: str = "setting", y: str = "accuracy", hue: str = "method"
     ax.legend(fontsize=7, ncol=4, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def channel_absmax(profiles: dict, title: str = "", xlabel: str = "input channel"):
+    """max |x| per input channel of one layer, one line per labelled profile (e.g. before / after outliers)."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for label, v in profiles.items():
+        ax.plot(range(len(v)), [float(t) for t in v], marker=".", lw=1, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("max |x| over tokens")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -238,3 +238,30 @@ def test_gpu_kernels_match_fake_quant(batch):
     deploy.deploy(model)
     assert deploy.backend("cuda") == "triton (cuda)"
     assert (_logits(model, b) - fake).abs().max() <= 0.02 * (fake.max() - fake.min())
+
+
+def test_quantize_and_deploy_observes_without_perturbing():
+    """The capture hooks of quantize_and_deploy must not change what the fake-quant model predicts (a forward hook
+    that returns a value replaces the layer's output), and the layer-local check must pass on a correct deploy."""
+    import copy
+
+    from qvlm import evaluate
+    model, processor = models.load("tiny")
+    samples = data.load_split("tiny", "val", limit=12)
+    qcfg = QuantConfig(w_bits=4, a_bits=4)
+    r = deploy.quantize_and_deploy(model, processor, samples, qcfg, "rtn", batch_size=12)
+    plain, _ = methods.quantize(copy.deepcopy(model), processor, "rtn", qcfg, progress=False)
+    assert r["predictions"][0] == evaluate.predict(plain, processor, samples, 12, progress=False)
+    assert r["layer_check"]["n_layers"] == len(quant_linears(plain))
+    assert r["layer_check"]["max_rel_err"] <= deploy.layer_rtol(torch.float32)
+
+
+def test_layerwise_check_catches_a_wrong_layer(batch):
+    model, _ = _quantized(4, 4)
+    io = {n: (x.reshape(-1, x.shape[-1])[:8], y.reshape(-1, y.shape[-1])[:8]) for n, (x, y) in _record_io(model, batch).items()}
+    deploy.deploy(model)
+    assert deploy.layerwise_check(model, io)["max_rel_err"] <= deploy.layer_rtol(torch.float32)
+    name = next(iter(io))
+    model.get_submodule(name).scale.mul_(1.01)               # a 1 % scale error: far above roundoff
+    bad = deploy.layerwise_check(model, io)
+    assert bad["max_rel_err"] > deploy.layer_rtol(torch.float32) and bad["worst_layer"] == name

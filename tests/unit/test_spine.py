@@ -160,9 +160,6 @@ def test_testbed_fp_acceptance_record():
 
 
 @pytest.mark.skipif(not (TINY_DIR / "testbed.json").exists(), reason="testbed checkpoint not built")
-@pytest.mark.xfail(strict=True, reason="known gap (issue 2): naive RTN W4A4 loses 3.5 points on the current "
-                                       "testbed, the bar is >= 10; strict, so it turns red once a retrained "
-                                       "testbed meets the bar and this marker must be removed")
 def test_testbed_discriminates_w4a4():
     sens = _record()["sensitivity"]
     assert sens["fp"] - sens["rtn_w4a4"] >= 0.10
