@@ -30,8 +30,15 @@ def notebooks(only: str = "") -> list[Path]:
     return nbs
 
 
-def run_notebook(nb: Path, mode: str, out_dir: Path, executed: Path, timeout: int = 3600) -> dict:
-    """Execute one notebook with papermill (MODE, OUT_DIR injected); returns its metrics.json content."""
+def executed_path(nb: Path, mode: str, root: Path = RESULTS_DIR) -> Path:
+    """Where the executed copy of `nb` goes: root/executed/NN_*.ipynb (full) or NN_*.smoke.ipynb (smoke)."""
+    return Path(root) / "executed" / (nb.name if mode == "full" else f"{nb.stem}.{mode}.ipynb")
+
+
+def run_notebook(nb: Path, mode: str, out_dir: Path, executed: Path, timeout: int = 3600,
+                 parameters: dict | None = None) -> dict:
+    """Execute one notebook with papermill (MODE, OUT_DIR injected, plus any other `parameters`, e.g. notebook
+    07's SOURCES); returns its metrics.json content."""
     import papermill as pm
 
     env_interp = "0"
@@ -42,7 +49,8 @@ def run_notebook(nb: Path, mode: str, out_dir: Path, executed: Path, timeout: in
         pass
     os.environ.setdefault("TRITON_INTERPRET", env_interp)
     executed.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(nb), str(executed), parameters=dict(MODE=mode, OUT_DIR=str(out_dir)),
+    params = {**(parameters or {}), "MODE": mode, "OUT_DIR": str(out_dir)}
+    pm.execute_notebook(str(nb), str(executed), parameters=params,
                         kernel_name="python3", cwd=str(REPO_ROOT), execution_timeout=timeout, progress_bar=False)
     return json.loads((out_dir / "metrics.json").read_text())
 
@@ -69,7 +77,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         print(f"[reproduce] {nb.name} ({args.mode}) ...", flush=True)
         out_dir = RESULTS_DIR / nb.stem / args.mode
-        executed = RESULTS_DIR / "executed" / (nb.name if args.mode == "full" else f"{nb.stem}.smoke.ipynb")
+        executed = executed_path(nb, args.mode)
         m = run_notebook(nb, args.mode, out_dir, executed)
         merged[nb.stem] = m.get("metrics", {})
         print(f"[reproduce] {nb.name} done in {time.time() - t0:.0f}s -> {out_dir}", flush=True)

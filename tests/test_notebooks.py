@@ -1,5 +1,9 @@
 """Papermill: every notebooks/NN_*.ipynb runs end to end in smoke mode, and its pinned smoke metrics match
-tests/reference/NN_*.json within the stated tolerances (regenerate on purpose: `make update-reference`)."""
+tests/reference/NN_*.json within the stated tolerances (regenerate on purpose: `make update-reference`).
+
+All notebooks of one pytest session write into one session-scoped directory, `<shared>/<NN_name>/`, the layout
+notebook 07 reads through its SOURCES parameter: 07 then reuses the smoke outputs of 00-06 instead of recomputing
+them. Run alone (`pytest -k 07`), 07 finds them missing and runs 00-06 itself into the same directory."""
 import json
 import math
 import os
@@ -7,16 +11,29 @@ from pathlib import Path
 
 import pytest
 
-from qvlm.reproduce import notebooks, run_notebook
+from qvlm.reproduce import executed_path, notebooks, run_notebook
 
 REF = Path(__file__).parent / "reference"
 SMOKE_TIMEOUT = 300          # seconds per cell; each notebook's smoke budget is ~2 min
 
 
+SOURCES_PARAM = {"07_reproduce_paper": "SOURCES"}    # notebooks that read the others' outputs from the shared dir
+# 07's first cell runs any of 00-06 whose outputs are missing (`pytest -k 07` alone: all seven, in one cell)
+CELL_TIMEOUT = {"07_reproduce_paper": SMOKE_TIMEOUT * 8}
+
+
+@pytest.fixture(scope="session")
+def smoke_dir(tmp_path_factory):
+    """One directory for every notebook's smoke outputs in this session: <dir>/<NN_name>/metrics.json."""
+    return tmp_path_factory.mktemp("smoke")
+
+
 @pytest.mark.notebooks
 @pytest.mark.parametrize("nb", notebooks(), ids=lambda p: p.stem)
-def test_notebook_smoke(nb, tmp_path):
-    m = run_notebook(nb, "smoke", tmp_path / "out", tmp_path / nb.name, timeout=SMOKE_TIMEOUT)
+def test_notebook_smoke(nb, smoke_dir):
+    extra = {SOURCES_PARAM[nb.stem]: str(smoke_dir)} if nb.stem in SOURCES_PARAM else {}
+    m = run_notebook(nb, "smoke", smoke_dir / nb.stem, executed_path(nb, "smoke", smoke_dir),
+                     timeout=CELL_TIMEOUT.get(nb.stem, SMOKE_TIMEOUT), parameters=extra)
     assert m["config"]["mode"] == "smoke"
     metrics = m["metrics"]
     for k, v in metrics.get("regression", {}).items():
