@@ -37,6 +37,11 @@ def testbed_section() -> list[str]:
            + f"; test n = {fp['n']}, chance {_pct(rec['chance_test'])} %.", "",
            "| model | overall | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats),
            "| FP | " + _pct(fp["accuracy"]) + " | " + " | ".join(_pct(fp["per_category"][c]) for c in cats) + " |", ""]
+    if rec.get("outliers"):
+        o = rec["outliers"]
+        out += [f"Outlier channels (`python -m qvlm.testbed.outliers`, FP-preserving): the largest-gain "
+                f"{o['frac']:.3g} of the channels of each of {len(o['norms'])} norms x{o['scale']:g}, the scale chosen "
+                "on the val split (see `data/README.md`).", ""]
     if sens:
         out += ["Naive RTN (per-channel weights, per-token activations, vision + projector + LLM; "
                 "`python -m qvlm.testbed.sensitivity`):", "",

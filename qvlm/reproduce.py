@@ -36,9 +36,9 @@ def executed_path(nb: Path, mode: str, root: Path = RESULTS_DIR) -> Path:
 
 
 def run_notebook(nb: Path, mode: str, out_dir: Path, executed: Path, timeout: int = 3600,
-                 parameters: dict | None = None) -> dict:
+                 parameters: dict | None = None, progress: bool = False) -> dict:
     """Execute one notebook with papermill (MODE, OUT_DIR injected, plus any other `parameters`, e.g. notebook
-    07's SOURCES); returns its metrics.json content."""
+    07's SOURCES); returns its metrics.json content. `progress`: papermill's per-cell progress bar."""
     import papermill as pm
 
     env_interp = "0"
@@ -51,7 +51,7 @@ def run_notebook(nb: Path, mode: str, out_dir: Path, executed: Path, timeout: in
     executed.parent.mkdir(parents=True, exist_ok=True)
     params = {**(parameters or {}), "MODE": mode, "OUT_DIR": str(out_dir)}
     pm.execute_notebook(str(nb), str(executed), parameters=params,
-                        kernel_name="python3", cwd=str(REPO_ROOT), execution_timeout=timeout, progress_bar=False)
+                        kernel_name="python3", cwd=str(REPO_ROOT), execution_timeout=timeout, progress_bar=progress)
     return json.loads((out_dir / "metrics.json").read_text())
 
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         print(f"[reproduce] {nb.name} ({args.mode}) ...", flush=True)
         out_dir = RESULTS_DIR / nb.stem / args.mode
         executed = executed_path(nb, args.mode)
-        m = run_notebook(nb, args.mode, out_dir, executed)
+        m = run_notebook(nb, args.mode, out_dir, executed, progress=True)
         merged[nb.stem] = m.get("metrics", {})
         print(f"[reproduce] {nb.name} done in {time.time() - t0:.0f}s -> {out_dir}", flush=True)
         if args.update_reference:

@@ -40,3 +40,11 @@ def test_hygiene(nb):
     import papermill as pm
     parsed = set(pm.inspect_notebook(str(nb)))
     assert parsed == names, f"{nb.name}: papermill cannot parse parameters {sorted(names - parsed)}"
+
+
+def test_readme_maps_every_notebook():
+    from qvlm.paths import REPO_ROOT
+    text = (REPO_ROOT / "README.md").read_text()
+    block = text[text.index("<!-- notebook-map:start -->"):text.index("<!-- notebook-map:end -->")]
+    missing = [nb.stem for nb in NBS if f"`{nb.stem}`" not in block]
+    assert not missing, f"README notebook map lacks {missing}"
