@@ -64,9 +64,11 @@ class CalibConfig:
 
 # Sizes per mode. Smoke changes sizes only, never the algorithm.
 PRESETS: dict[str, dict] = {
-    "smoke": dict(n_calib=8, n_eval=48, iters=20, n_seeds=2, batch_size=16),
-    "full": dict(n_calib=64, n_eval=0, iters=200, n_seeds=3, batch_size=32),   # n_eval 0 = whole test split
+    "smoke": dict(n_calib=8, n_eval=48, iters=20, ded_iters=20, n_seeds=2, batch_size=16),
+    "full": dict(n_calib=64, n_eval=0, iters=200, ded_iters=100, n_seeds=3, batch_size=32),   # n_eval 0: whole test
 }
+# ded_iters: steps of each rounding search that only MEASURES dependency (notebook 02 runs 2 searches per edge, per
+# seed, ~140 in full mode); 100 keeps `make reproduce` under an hour on 2 cores. The quantizing searches use iters.
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class RunConfig:
     n_calib: int = 0
     n_eval: int = 0
     iters: int = 0
+    ded_iters: int = 0
     n_seeds: int = 0
     batch_size: int = 0
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -102,5 +105,5 @@ def resolve(mode: str = "full", *, model: str = "tiny", seed: int = 0, out_dir: 
     return RunConfig(
         mode=mode, model=model, seed=seed, out_dir=str(out), notebook=notebook,
         n_calib=n_calib or p["n_calib"], n_eval=p["n_eval"] if n_eval < 0 else n_eval,
-        iters=iters or p["iters"], n_seeds=p["n_seeds"], batch_size=p["batch_size"],
+        iters=iters or p["iters"], ded_iters=p["ded_iters"], n_seeds=p["n_seeds"], batch_size=p["batch_size"],
         quant=QuantConfig(w_bits=w_bits, a_bits=a_bits, group_size=group_size), extra=extra)

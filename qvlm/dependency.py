@@ -52,6 +52,7 @@ from .models import llava
 from .qlinear import quant_linears, quantize_module
 from .quant import check_bits, quantize
 from . import rounding as qround      # module import: rounding -> methods -> qvlm -> dependency is a cycle
+from .utils import load_artifact, save_artifact
 
 PAIRINGS = ("index", "token")
 
@@ -163,19 +164,13 @@ def run_dependency(model: nn.Module, processor, samples: list[dict], qcfg: Quant
 
 
 def save_dependency(stats: DependencyStats, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kind": "dependency", **asdict(stats)}, path)
-    return path
+    """Write `stats` to `path` atomically (torch.save of plain types; the full config is inside)."""
+    return save_artifact("dependency", stats, path)
 
 
 def load_dependency(path) -> DependencyStats:
-    d = torch.load(path, weights_only=True)
-    if d.get("kind") != "dependency":
-        raise QVLMError(f"{path} is not a dependency artifact",
-                        "pass a file written by qvlm.dependency.save_dependency")
-    d.pop("kind")
-    return DependencyStats(**d)
+    """Inverse of save_dependency."""
+    return load_artifact("dependency", DependencyStats, path, "qvlm.dependency.save_dependency")
 
 
 # ------------------------------------------------------------------------------------------- (c) R^2

@@ -45,6 +45,7 @@ from .entropy import (InputTap, act_step, check_train_split, find_units, image_t
 from .errors import QVLMError
 from .models import llava
 from .quant import check_bits, qrange
+from .utils import load_artifact, save_artifact
 
 KERNELS = ("triangle", "gaussian")
 ENCODER_PARAMS = ("layernorm", "layernorm+last", "all")
@@ -253,18 +254,13 @@ def evaluate_veo(model, batches, taps, gamma, cfg, qcfg, bits) -> dict:
 
 
 def save_disentangle(res: VEOResult, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kind": "veo", **asdict(res)}, path)
-    return path
+    """Write `res` to `path` atomically (torch.save of plain types; the full config is inside)."""
+    return save_artifact("veo", res, path)
 
 
 def load_disentangle(path) -> VEOResult:
-    d = torch.load(path, weights_only=True)
-    if d.get("kind") != "veo":
-        raise QVLMError(f"{path} is not a VEO artifact", "pass a file written by qvlm.disentangle.save_disentangle")
-    d.pop("kind")
-    return VEOResult(**d)
+    """Inverse of save_disentangle."""
+    return load_artifact("veo", VEOResult, path, "qvlm.disentangle.save_disentangle")
 
 
 @torch.no_grad()

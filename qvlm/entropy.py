@@ -25,7 +25,7 @@ References: Shannon entropy of a histogram; Miller (1955) bias correction; docs/
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from .config import SCOPES, QuantConfig
 from .errors import QVLMError
 from .models import llava
 from .quant import FP_BITS, act_qparams, check_bits, qrange, quantize
+from .utils import load_artifact, save_artifact
 
 ESTIMATORS = ("plugin", "miller_madow")
 SPLITS = ("all", "image", "text")
@@ -301,17 +302,10 @@ def artifact_name(kind: str, model: str, bits: int, n_calib: int, seed: int, ext
 
 
 def save_entropy(stats: EntropyStats, path) -> Path:
-    """Write the stats (histograms + config) to `path` (torch.save of plain types)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kind": "entropy", **asdict(stats)}, path)
-    return path
+    """Write `stats` to `path` atomically (torch.save of plain types; the full config is inside)."""
+    return save_artifact("entropy", stats, path)
 
 
 def load_entropy(path) -> EntropyStats:
     """Inverse of save_entropy."""
-    d = torch.load(path, weights_only=True)
-    if d.get("kind") != "entropy":
-        raise QVLMError(f"{path} is not an entropy artifact", "pass a file written by qvlm.entropy.save_entropy")
-    d.pop("kind")
-    return EntropyStats(**d)
+    return load_artifact("entropy", EntropyStats, path, "qvlm.entropy.save_entropy")

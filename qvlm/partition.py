@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .errors import QVLMError
+from .utils import load_artifact, save_artifact
 
 THRESHOLDS = ("quantile", "absolute")
 SPLITS = ("weakest", "greedy")
@@ -216,15 +217,10 @@ def run_baseline(units: list[list[str]], name: str, size: int = 3) -> Partition:
 
 
 def save_partition(part: Partition, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kind": "partition", **asdict(part)}, path)
-    return path
+    """Write `part` to `path` atomically (torch.save of plain types; the full config is inside)."""
+    return save_artifact("partition", part, path)
 
 
 def load_partition(path) -> Partition:
-    d = torch.load(path, weights_only=True)
-    if d.get("kind") != "partition":
-        raise QVLMError(f"{path} is not a partition artifact", "pass a file written by qvlm.partition.save_partition")
-    d.pop("kind")
-    return Partition(**d)
+    """Inverse of save_partition."""
+    return load_artifact("partition", Partition, path, "qvlm.partition.save_partition")

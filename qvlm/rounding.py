@@ -40,6 +40,7 @@ from .errors import QVLMError
 from .methods.reconstruct import ReconConfig, reconstruct
 from .models import llava
 from .qlinear import QuantLinear, quant_linears, quantize_model
+from .utils import load_artifact, save_artifact
 
 
 class _Done(Exception):
@@ -196,18 +197,13 @@ def _key_of(model: nn.Module, name: str, qcfg: QuantConfig) -> str | None:
 
 # ------------------------------------------------------------------------------------------- apply
 def save_decisions(dec: Decisions, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kind": "rounding", **asdict(dec)}, path)
-    return path
+    """Write `dec` to `path` atomically (torch.save of plain types; the full config is inside)."""
+    return save_artifact("rounding", dec, path)
 
 
 def load_decisions(path) -> Decisions:
-    d = torch.load(path, weights_only=True)
-    if d.get("kind") != "rounding":
-        raise QVLMError(f"{path} is not a rounding artifact", "pass a file written by qvlm.rounding.save_decisions")
-    d.pop("kind")
-    return Decisions(**d)
+    """Inverse of save_decisions."""
+    return load_artifact("rounding", Decisions, path, "qvlm.rounding.save_decisions")
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Small shared helpers: seeding, atomic writes."""
+"""Small shared helpers: seeding, atomic writes, typed artifacts."""
 from __future__ import annotations
 
 import contextlib
@@ -59,3 +59,39 @@ def atomic_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_artifact(kind: str, obj, path: str | os.PathLike) -> Path:
+    """torch.save `{"kind": kind, **asdict(obj)}` (a dataclass of plain types and tensors) to `path`, atomically."""
+    from dataclasses import asdict
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"kind": kind, **asdict(obj)}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_artifact(kind: str, cls, path: str | os.PathLike, writer: str):
+    """Inverse of save_artifact: `cls(**fields)`; a missing, corrupt or other-kind file is a one-line QVLMError
+    naming `writer`, the function that writes this kind."""
+    from .errors import QVLMError
+
+    try:
+        d = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise QVLMError(f"{path} does not exist", f"pass a file written by {writer}") from None
+    except Exception as e:       # truncated / not a torch file
+        raise QVLMError(f"{path} is not a readable {kind} artifact ({type(e).__name__})",
+                        f"rewrite it with {writer}") from None
+    if not isinstance(d, dict) or d.get("kind") != kind:
+        raise QVLMError(f"{path} is not a {kind} artifact", f"pass a file written by {writer}")
+    d.pop("kind")
+    return cls(**d)

@@ -44,6 +44,7 @@ from ..errors import QVLMError
 from ..quant import FP_BITS
 from . import Method
 from .reconstruct import ReconConfig
+from ..utils import load_artifact, save_artifact
 
 VEO_STAGES = ("before_partition", "after_partition")
 
@@ -185,18 +186,13 @@ def artifact_name(model: str, qcfg: QuantConfig, n_calib: int, seed: int) -> str
 
 
 def save_qvlm(res: QVLMResult, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kind": "qvlm", **asdict(res)}, path)
-    return path
+    """Write `res` to `path` atomically (torch.save of plain types; the full config is inside)."""
+    return save_artifact("qvlm", res, path)
 
 
 def load_qvlm(path) -> QVLMResult:
-    d = torch.load(path, weights_only=True)
-    if d.get("kind") != "qvlm":
-        raise QVLMError(f"{path} is not a Q-VLM artifact", "pass a file written by qvlm.methods.qvlm.save_qvlm")
-    d.pop("kind")
-    return QVLMResult(**d)
+    """Inverse of save_qvlm."""
+    return load_artifact("qvlm", QVLMResult, path, "qvlm.methods.qvlm.save_qvlm")
 
 
 def apply_qvlm(model, res: QVLMResult):
