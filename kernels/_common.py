@@ -101,3 +101,37 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile: row / column offsets (BLOCK_M,), (BLOCK_N,) and their in-bounds masks."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def rescale_group(acc, acc_g, a_sum, w_scale_ptr, w_zero_ptr, g, offs_n, mask_n,
+                  stride_sn, stride_sg, stride_zn, stride_zg, HAS_ZERO: tl.constexpr):
+    """Integer GEMMs: add one weight group's int32 partial sum to the fp32 accumulator, times the group's per-channel
+    weight scale, after subtracting z_w * (sum of the activation codes in the group) for asymmetric weights."""
+    s_w = tl.load(w_scale_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)        # (BLOCK_N,)
+    if HAS_ZERO:
+        z_w = tl.load(w_zero_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0.0)
+        acc_g -= a_sum[:, None] * z_w.to(tl.int32)[None, :]                  # still exact in int32
+    return acc + acc_g.to(tl.float32) * s_w[None, :]
+
+
+@triton.jit
+def store_int_gemm(out_ptr, acc, acc_raw, a_scale_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on,
+                   RAW: tl.constexpr):
+    """Integer GEMMs' epilogue: RAW stores the int32 sum, else acc times the per-token activation scale."""
+    o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    o_mask = mask_m[:, None] & mask_n[None, :]
+    if RAW:
+        tl.store(o_ptrs, acc_raw, mask=o_mask)
+    else:
+        s_a = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)          # (BLOCK_M,) per-token scale
+        tl.store(o_ptrs, (acc * s_a[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from qvlm.errors import QVLMError
 
-from ._common import check_2d, check_launch, m_bucket, tile_ids, unpack_nibbles, upcast_bf16
+from ._common import check_2d, check_launch, m_bucket, tile_offsets, unpack_nibbles, upcast_bf16
 from .pack import unpack_int4_ref
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -86,11 +86,7 @@ def _w4a16_kernel(
     BLOCK_K: tl.constexpr,      # input channels per K step (even; BLOCK_K / 2 bytes)
     GROUP_M: tl.constexpr,      # row-tiles per L2 group in the tile ordering
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                     # (BLOCK_M,)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                     # (BLOCK_N,)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)   # (BLOCK_M,), (BLOCK_N,)
     x_rows = x_ptr + offs_m[:, None] * stride_xm                         # (BLOCK_M, 1)
     qw_cols = qw_ptr + offs_n[None, :] * stride_qwn                      # (1, BLOCK_N): weight rows as columns
     compute_dtype = tl.float32 if UPCAST_BF16 else x_ptr.dtype.element_ty

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from qvlm.errors import QVLMError
 
-from ._common import check_2d, check_launch, m_bucket, tile_ids
+from ._common import check_2d, check_launch, m_bucket, rescale_group, store_int_gemm, tile_offsets
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_BLOCK_K = 32          # NVIDIA int8 MMA: K >= 32 per tl.dot
@@ -83,11 +83,7 @@ def _w8a8_kernel(
     BLOCK_K: tl.constexpr,      # input channels per K step; divides group_size unless per-channel
     GROUP_M: tl.constexpr,      # row-tiles per L2 group in the tile ordering
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                     # (BLOCK_M,)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                     # (BLOCK_N,)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)   # (BLOCK_M,), (BLOCK_N,)
     a_rows = a_ptr + offs_m[:, None] * stride_am                         # (BLOCK_M, 1)
     w_cols = w_ptr + offs_n[None, :] * stride_wn                         # (1, BLOCK_N)
 
@@ -107,19 +103,10 @@ def _w8a8_kernel(
         if RAW:
             acc_raw += acc_g
         else:
-            s_w = tl.load(w_scale_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)  # (BLOCK_N,)
-            if HAS_ZERO:
-                z_w = tl.load(w_zero_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0.0)
-                acc_g -= a_sum[:, None] * z_w.to(tl.int32)[None, :]      # still exact in int32
-            acc += acc_g.to(tl.float32) * s_w[None, :]
+            acc = rescale_group(acc, acc_g, a_sum, w_scale_ptr, w_zero_ptr, g, offs_n, mask_n,
+                                stride_sn, stride_sg, stride_zn, stride_zg, HAS_ZERO)
 
-    o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    o_mask = mask_m[:, None] & mask_n[None, :]
-    if RAW:
-        tl.store(o_ptrs, acc_raw, mask=o_mask)
-    else:
-        s_a = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)      # (BLOCK_M,) per-token scale
-        tl.store(o_ptrs, (acc * s_a[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+    store_int_gemm(out_ptr, acc, acc_raw, a_scale_ptr, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, RAW)
 
 
 _w8a8_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "group_size"],

@@ -266,7 +266,7 @@ def calibrate(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfi
             state = dict(part=g[0].part,
                          inputs=[q_caps[i][0][0] for i in rows], fp_inputs=[f_caps[i][0][0] for i in rows],
                          args=[q_caps[i][0][1:] for i in rows], kwargs=[q_caps[i][1] for i in rows],
-                         masks=[_token_mask(batches[i], q_caps[i][0][0]) for i in rows])
+                         masks=[token_mask(batches[i], q_caps[i][0][0]) for i in rows])
             _check_finite(state["inputs"] + state["fp_inputs"], "entering", key)
         fp_blocks = [copy.deepcopy(b.module) for b in g]
         for m in fp_blocks:
@@ -298,7 +298,7 @@ def calibrate(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfi
     return stats
 
 
-def _token_mask(batch: dict, hidden: torch.Tensor) -> torch.Tensor:
+def token_mask(batch: dict, hidden: torch.Tensor) -> torch.Tensor:
     """(B, T) bool valid tokens: the attention mask for LLM inputs, all-true for vision / projector tokens."""
     am = batch["attention_mask"]
     if tuple(am.shape) == tuple(hidden.shape[:2]):

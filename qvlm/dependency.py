@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calib import capture_inputs, model_batches
+from .calib import capture_inputs, model_batches, token_mask
 from .config import QuantConfig
 from .entropy import (InputTap, act_codes, act_step, check_train_split, entropy, find_units, image_token_id,
                       iterate_batches, model_inputs, run_entropy, token_masks)
@@ -295,19 +295,11 @@ def run_ded(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfig 
             batches_of[first] = [bt for bt, c in zip(batches, caps) if c is not None]
         caps = cache[first]
         inputs = [c[0][0] for c in caps]
-        masks = [_valid_tokens(bt, x) for bt, x in zip(batches_of[first], inputs)]
+        masks = [token_mask(bt, x) for bt, x in zip(batches_of[first], inputs)]
         row = _edge_ded(span, a.keys, b.keys, inputs, [c[0][1:] for c in caps], [c[1] for c in caps], masks,
                         qcfg, cfg, seed, joint_budget)
         out.rows.append(dict(edge=e, unit=a.name, successor=b.name, **row))
     return out
-
-
-def _valid_tokens(batch: dict, x: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the attention mask where x is aligned with input_ids (LLM), else all tokens (vision/projector)."""
-    am = batch["attention_mask"]
-    if tuple(am.shape) == tuple(x.shape[:2]):
-        return am.bool()
-    return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
 
 
 def ded_vs_entropy(ded: DEDStats, unit_entropy: list[float], relative: bool = True) -> dict:
