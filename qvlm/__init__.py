@@ -4,6 +4,6 @@ import os as _os
 
 _os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing is ever downloaded at run time
 
-from . import config, errors, paths, quant, utils  # noqa: E402,F401
+from . import config, errors, paths, utils  # noqa: E402,F401
 
 __version__ = "0.1.0"

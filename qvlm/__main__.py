@@ -1,3 +1,4 @@
+"""`python -m qvlm ...` = the `qvlm` command (qvlm.cli)."""
 import sys
 
 from .cli import main

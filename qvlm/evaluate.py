@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as qdata
@@ -18,6 +19,18 @@ from .errors import QVLMError
 
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def answer_logits(model, processor, batch: dict, inputs: dict) -> torch.Tensor:
+    """Next-token logits (B, V) at each row's answer position. With left padding every row ends at the last
+    position, so only that position's logits are computed (`logits_to_keep=1`: the vocabulary projection is a large
+    share of a small LLM's cost)."""
+    if processor.tokenizer.padding_side == "left":
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     pixel_values=inputs.get("pixel_values"), logits_to_keep=1).logits[:, -1]
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                   pixel_values=inputs.get("pixel_values")).logits                  # (B, T, V)
+    return logits[torch.arange(len(logits), device=logits.device), batch["last"].to(logits.device)]
 
 
 @torch.no_grad()
@@ -36,9 +49,7 @@ def predict(model, processor, samples: list[dict], batch_size: int = 32, progres
         inputs = _to(b, device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       pixel_values=inputs.get("pixel_values")).logits        # (B, T, V)
-        last = logits[torch.arange(len(chunk), device=device), b["last"].to(device)]   # (B, V)
+        last = answer_logits(model, processor, b, inputs)                            # (B, V)
         scores = last[:, letter_ids].float()                                           # (B, n_letters)
         for row, s in enumerate(chunk):
             pred[s["id"]] = int(scores[row, : len(s["choices"])].argmax())
@@ -48,9 +59,9 @@ def predict(model, processor, samples: list[dict], batch_size: int = 32, progres
 
 
 def evaluate(model, processor, samples: list[dict], batch_size: int = 32, progress: bool = True,
-             model_name: str = "") -> dict:
-    """{"accuracy", "per_category", "n", "model"} with accuracies in [0, 1]."""
-    preds = predict(model, processor, samples, batch_size, progress)
+             model_name: str = "", predictions: list[int] | None = None) -> dict:
+    """{"accuracy", "per_category", "n", "model"} with accuracies in [0, 1] (`predictions`: already computed)."""
+    preds = predictions if predictions is not None else predict(model, processor, samples, batch_size, progress)
     hits, tot = defaultdict(int), defaultdict(int)
     for s, p in zip(samples, preds):
         tot[s["category"]] += 1
@@ -63,3 +74,24 @@ def evaluate(model, processor, samples: list[dict], batch_size: int = 32, progre
 def chance_accuracy(samples: list[dict]) -> float:
     """Expected accuracy of uniform guessing over each sample's choices."""
     return sum(1 / len(s["choices"]) for s in samples) / len(samples)
+
+
+@torch.no_grad()
+def output_error(model_q: nn.Module, model_fp: nn.Module, processor, samples: list[dict], batch_size: int = 16) -> dict:
+    """How far the quantized model's answer distribution is from the FP model's, at the answer position:
+    kl = mean KL(p_fp || p_q) of the next-token distributions (nats), mse = mean squared logit error per vocab entry."""
+    kl, mse, n = 0.0, 0.0, 0
+    for chunk in qdata.batches(samples, batch_size):
+        b = qdata.collate(chunk, processor)
+        outs = []
+        for m in (model_fp, model_q):
+            dev, dtype = next(m.parameters()).device, next(m.parameters()).dtype
+            inp = _to(b, dev)
+            if "pixel_values" in inp:
+                inp["pixel_values"] = inp["pixel_values"].to(dtype)
+            outs.append(answer_logits(m, processor, b, inp).float().cpu())          # (B, V) at the answer position
+        lp_fp, lp_q = outs[0].log_softmax(-1), outs[1].log_softmax(-1)
+        kl += float((lp_fp.exp() * (lp_fp - lp_q)).sum())
+        mse += float((outs[0] - outs[1]).pow(2).mean(-1).sum())
+        n += len(chunk)
+    return dict(kl=kl / n, mse=mse / n, n=n)

@@ -15,7 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import papermill as pm
+import torch
+
+from .errors import QVLMError
 from .paths import REPO_ROOT, RESULTS_DIR
+from .report.claims import UPSTREAM, missing_upstream, upstream_dir
 from .utils import atomic_write_json
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -39,15 +44,7 @@ def run_notebook(nb: Path, mode: str, out_dir: Path, executed: Path, timeout: in
                  parameters: dict | None = None, progress: bool = False) -> dict:
     """Execute one notebook with papermill (MODE, OUT_DIR injected, plus any other `parameters`, e.g. notebook
     07's SOURCES); returns its metrics.json content. `progress`: papermill's per-cell progress bar."""
-    import papermill as pm
-
-    env_interp = "0"
-    try:
-        import torch
-        env_interp = "0" if torch.cuda.is_available() else "1"
-    except ImportError:
-        pass
-    os.environ.setdefault("TRITON_INTERPRET", env_interp)
+    os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
     executed.parent.mkdir(parents=True, exist_ok=True)
     params = {**(parameters or {}), "MODE": mode, "OUT_DIR": str(out_dir)}
     pm.execute_notebook(str(nb), str(executed), parameters=params,
@@ -64,6 +61,26 @@ def regression_keys(metrics: dict) -> dict:
     reg = metrics.get("metrics", {}).get("regression", {})
     return {k: {"value": v, "abs": ACC_ABS_TOL if "acc" in k else 1e-6, "rel": 0.0 if "acc" in k else REL_TOL}
             for k, v in sorted(reg.items())}
+
+
+def ensure_upstream(sources: str = "", mode: str = "full", stems=UPSTREAM, parameters: dict | None = None,
+                    runner=None, log=print) -> list[str]:
+    """Run every upstream notebook whose metrics are missing, in `mode`, into its sources location; returns the
+    stems it ran. `runner(nb, mode, out_dir, executed, parameters=...)` defaults to `run_notebook`
+    (injectable for tests); `parameters` (e.g. MODEL, SEED) are passed on to each notebook."""
+    runner = runner or run_notebook
+    todo = missing_upstream(sources, mode, stems)
+    by_stem = {nb.stem: nb for nb in notebooks()}
+    for stem in todo:
+        if stem not in by_stem:
+            raise QVLMError(f"no notebook notebooks/{stem}.ipynb to produce missing outputs",
+                            f"pass SOURCES holding {stem}/metrics.json")
+        out = upstream_dir(stem, sources, mode)
+        executed = executed_path(by_stem[stem], mode, Path(sources) if sources else RESULTS_DIR)
+        log(f"[07] {stem}: no metrics.json in {out} -- running notebooks/{stem}.ipynb in {mode} mode (executed copy: "
+            f"{executed})")
+        runner(by_stem[stem], mode, out, executed, parameters=parameters or {})
+    return todo
 
 
 def main(argv=None) -> int:

@@ -7,10 +7,13 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import QVLMError
 
 
 def seed_everything(seed: int) -> None:
@@ -63,8 +66,6 @@ def atomic_dir(path: str | os.PathLike):
 
 def save_artifact(kind: str, obj, path: str | os.PathLike) -> Path:
     """torch.save `{"kind": kind, **asdict(obj)}` (a dataclass of plain types and tensors) to `path`, atomically."""
-    from dataclasses import asdict
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -82,8 +83,6 @@ def save_artifact(kind: str, obj, path: str | os.PathLike) -> Path:
 def load_artifact(kind: str, cls, path: str | os.PathLike, writer: str):
     """Inverse of save_artifact: `cls(**fields)`; a missing, corrupt or other-kind file is a one-line QVLMError
     naming `writer`, the function that writes this kind."""
-    from .errors import QVLMError
-
     try:
         d = torch.load(path, weights_only=True)
     except FileNotFoundError:

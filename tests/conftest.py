@@ -6,6 +6,11 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU the Triton kernels run in the CPU interpreter. The variable must be set before `kernels` is first
+# imported (triton.jit reads it), and importing qvlm.cli / qvlm.deploy imports kernels, so it is set here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -14,7 +14,9 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from ..errors import QVLMError
 from . import synthetic
@@ -66,8 +68,6 @@ def load_scienceqa(path: str, split: str) -> list[dict]:
     data/{train,validation,test}-*.parquet with image, question, choices, answer, subject, category, ...).
 
     The per-category key is `subject` (natural / social / language science), ScienceQA's NAT/SOC/LAN columns."""
-    import pyarrow.parquet as pq
-    from PIL import Image
 
     root = Path(path)
     if not root.is_dir():

@@ -12,61 +12,39 @@ Methods (one module each; knobs in a dataclass beside each, every default writte
     awq          AWQ (Lin et al. 2024): per-channel scale search on the block output + weight clip search
     adaround     AdaRound (Nagel et al. 2020): learned rounding per layer (QDrop option)
     brecq        BRECQ (Li et al. 2021): learned rounding + activation step reconstructed per block
-    qvlm         Q-VLM (Wang et al. 2024), registered automatically once `qvlm/methods/qvlm.py` exists
+    qvlm         Q-VLM (Wang et al. 2024), the paper's method (pipeline in qvlm.method)
 
-A method is a `Method`: a config dataclass plus `quantize_unit(data, qcfg, cfg) -> stats`, called by the
-sequential driver `qvlm.calib.calibrate` on each unit (one block, or consecutive blocks a method groups through
-`units`). A method that needs full control (e.g. an extra visual-encoder optimization pass) provides `run`.
+A method is a `qvlm.methods.base.Method`: a config dataclass plus `quantize_unit(data, qcfg, cfg) -> stats`,
+called by the sequential driver `qvlm.core.calib.calibrate` on each unit (one block, or consecutive blocks a method
+groups through `units`). A method that needs full control (Q-VLM's extra passes) provides `run`.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+
+import torch
 
 from ..config import CalibConfig, QuantConfig
+from ..core.calib import calibrate
+from ..core.checkpoint import FINGERPRINT_ATTR, fingerprint
+from ..core.cost import peak_memory
+from ..core.qlinear import check_model, freeze_model, quantize_model
+from ..data import calibration_set
 from ..errors import QVLMError
+from ..models import llava
+from ..utils import seed_everything
+from . import adaround, awq, brecq, fp, gptq, qvlm, rtn, smoothquant
+from .base import Method
 
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    config: type                                  # dataclass of the method's knobs (documented defaults)
-    quantize_unit: Callable | None                # (data: BlockData, qcfg, cfg) -> stats dict; None = weights RTN only
-    needs_data: bool                              # calibration data needed even with dynamic activations
-    summary: str
-    units: Callable | None = None                 # optional (model, qcfg, cfg) -> [[block key, ...], ...]
-    # optional full override: run(model, processor, samples, qcfg, calib_cfg, cfg, progress) -> stats
-    run: Callable | None = None
-
-    def make_config(self, **knobs) -> Any:
-        """The method's config with `knobs` overriding the defaults (unknown knob -> QVLMError)."""
-        names = {f.name for f in dataclasses.fields(self.config)}
-        bad = sorted(set(knobs) - names)
-        if bad:
-            raise QVLMError(f"method {self.name!r} has no option {bad[0]!r}",
-                            f"its options are: {', '.join(sorted(names)) or '(none)'}")
-        return self.config(**knobs)
-
-
-METHODS: dict[str, Method] = {}
-# Built-in method modules, in table order. A module that does not exist (yet) is skipped, so `qvlm` (the paper's
-# method, added by its own module) is registered, and included by bench, as soon as qvlm/methods/qvlm.py exists.
-_MODULES = ("fp", "rtn", "smoothquant", "gptq", "awq", "adaround", "brecq", "qvlm")
+# Table order: the reference, the baselines from simplest to strongest, then the paper's method.
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (fp, rtn, smoothquant, gptq, awq, adaround, brecq, qvlm)}
 
 
 def register(method: Method) -> Method:
-    """Add a method to METHODS (by name)."""
+    """Add a method to METHODS (by name), e.g. an experiment's own variant."""
     METHODS[method.name] = method
     return method
-
-
-for _name in _MODULES:
-    if importlib.util.find_spec(f"{__name__}.{_name}") is not None:
-        register(importlib.import_module(f"{__name__}.{_name}").METHOD)
 
 
 def get(name: str) -> Method:
@@ -77,9 +55,6 @@ def get(name: str) -> Method:
 
 
 def _check_weights(model, qcfg: QuantConfig) -> None:
-    import torch
-
-    from ..models import llava
     for blk in llava.blocks(model, qcfg.scope):
         for name, p in blk.module.named_parameters():
             if not torch.isfinite(p).all():
@@ -93,13 +68,7 @@ def quantize(model, processor, method: str = "rtn", qcfg: QuantConfig | None = N
 
     info: method, knobs (the method config), quant_config, calib, search_seconds (wall time of calibration +
     search, excluding model loading and evaluation), peak_memory_bytes and peak_memory_kind (see
-    qvlm.calib.peak_memory), blocks (per-unit stats, e.g. reconstruction losses)."""
-    from ..calib import calibrate, peak_memory
-    from ..data import calibration_set
-    from ..models import llava
-    from ..qlinear import FINGERPRINT_ATTR, check_model, fingerprint, freeze_model, quantize_model
-    from ..utils import seed_everything
-
+    qvlm.core.cost.peak_memory), blocks (per-unit stats, e.g. reconstruction losses)."""
     qcfg = qcfg or QuantConfig()
     calib_cfg = calib_cfg or CalibConfig()
     m = get(method)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import QVLMError
-from . import Method
-from .reconstruct import ReconConfig, reconstruct
+from .base import Method
+from ..core.reconstruct import ReconConfig, reconstruct
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import quant
+from ..core import quant
 from ..errors import QVLMError
-from . import Method
-from .reconstruct import objective
-from .smoothing import apply_scale, find_groups, restore, snapshot
+from .base import Method
+from ..core.reconstruct import objective
+from ..transforms.smoothing import apply_scale, find_groups, restore, snapshot
 
 
 @dataclass(frozen=True)

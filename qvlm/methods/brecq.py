@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import QVLMError
-from . import Method
-from .reconstruct import ReconConfig, reconstruct
+from .base import Method
+from ..core.reconstruct import ReconConfig, reconstruct
 
 
 @dataclass(frozen=True)

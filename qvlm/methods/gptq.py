@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import quant
-from ..calib import observe_act_ranges
+from ..core import quant
+from ..core.calib import observe_act_ranges
 from ..errors import QVLMError
-from . import Method
+from .base import Method
 
 
 @dataclass(frozen=True)

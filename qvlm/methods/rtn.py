@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import Method
+from .base import Method
 
 
 @dataclass(frozen=True)

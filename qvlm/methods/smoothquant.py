@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method
-from .smoothing import apply_scale, find_groups, weight_absmax
+from .base import Method
+from ..transforms.smoothing import apply_scale, find_groups, weight_absmax
 
 
 @dataclass(frozen=True)

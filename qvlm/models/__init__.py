@@ -1,9 +1,11 @@
-"""Model loading: the shipped testbed ("tiny") or any local llava-hf LLaVA checkpoint directory, same code.
+"""FP model loading: a shipped testbed ("tiny", "smol") or any local llava-hf LLaVA checkpoint directory, same code.
 
     model, processor = qvlm.models.load("tiny")
     model, processor = qvlm.models.load("/models/llava-1.5-7b-hf", device="cuda", dtype="float16")
 
-Never downloads: HF_HUB_OFFLINE is forced, and a name that is not "tiny" must be a local directory.
+Never downloads: HF_HUB_OFFLINE is forced, and a name that is not a shipped model must be a local directory.
+Quantized (`qvlm quantize --out`) and packed (`qvlm deploy --out`) directories load through `qvlm.loading.load`,
+which dispatches on the directory's marker file and calls this function for the FP base.
 """
 from __future__ import annotations
 
@@ -12,12 +14,16 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from ..errors import QVLMError
 from ..paths import TINY_DIR
 from . import llava  # noqa: F401  (structure discovery: qvlm.models.llava.parts / blocks / linear_layers)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHIPPED = ("tiny",)                 # model names that load without a path (their files ship under data/)
+MARKERS = {"qvlm_quant.json": "a `qvlm quantize` output", "qvlm_packed.json": "a `qvlm deploy` output"}
 
 
 def resolve_path(name_or_path: str) -> Path:
@@ -42,19 +48,12 @@ def resolve_path(name_or_path: str) -> Path:
 
 
 def load(name_or_path: str = "tiny", device: str = "cpu", dtype: str = "float32", device_map=None):
-    """(model, processor) from 'tiny' or a local llava-hf checkpoint directory. Model in eval mode.
-
-    A directory written by `qvlm quantize` (it holds qvlm_quant.json) is loaded by qvlm.qlinear.load_quantized,
-    one written by `qvlm deploy` (qvlm_packed.json) by qvlm.deploy.load_packed."""
+    """(model, processor) of an FP model: 'tiny' or a local llava-hf checkpoint directory. Model in eval mode."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if name_or_path != "tiny" and (Path(name_or_path) / "qvlm_quant.json").is_file():
-        from ..qlinear import load_quantized                      # lazy: qlinear imports this package
-        return load_quantized(name_or_path, device=device, dtype=dtype)
-    if name_or_path != "tiny" and (Path(name_or_path) / "qvlm_packed.json").is_file():
-        from ..deploy import load_packed                          # `qvlm deploy` output: kernel-backed packed model
-        return load_packed(name_or_path, device=device, dtype=dtype)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
+    for marker, what in MARKERS.items():
+        if name_or_path not in SHIPPED and (Path(name_or_path) / marker).is_file():
+            raise QVLMError(f"{name_or_path} is {what}, not an FP checkpoint",
+                            "load it with qvlm.loading.load (the CLI does), or pass the FP model it was made from")
     path = resolve_path(name_or_path)
     if dtype not in _DTYPES:
         raise QVLMError(f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
@@ -62,7 +61,6 @@ def load(name_or_path: str = "tiny", device: str = "cpu", dtype: str = "float32"
         raise QVLMError(f"device {device!r} requested but no GPU is available", "use --device cpu with MODEL='tiny'")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise QVLMError(f"{path} has no weight files (*.safetensors)", "copy the checkpoint's weight files there")
-    from safetensors import SafetensorError
     try:
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=_DTYPES[dtype], device_map=device_map)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # truncated / corrupt weight files

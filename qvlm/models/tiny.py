@@ -9,6 +9,9 @@ keep the last one in use so every vision linear matters for quantization).
 """
 from __future__ import annotations
 
+import torch
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tok_models
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
@@ -25,12 +28,11 @@ ARCH = dict(
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = set(synthetic.vocabulary()) | set(LETTERS) | {"USER", "ASSISTANT", ":", "."}
     words |= {w for w in INSTRUCTION.replace("'", " ' ").replace(".", " . ").split()}
     vocab = {w: i for i, w in enumerate(SPECIALS + sorted(words - set(SPECIALS)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
@@ -62,7 +64,6 @@ def build_config(tokenizer, **overrides) -> LlavaConfig:
 
 def build_random(seed: int = 0, **overrides):
     """A randomly initialised testbed-shaped model + processor (for tests of code paths, not accuracy)."""
-    import torch
     torch.manual_seed(seed)
     processor = build_processor()
     model = LlavaForConditionalGeneration(build_config(processor.tokenizer, **overrides)).eval()

@@ -23,13 +23,19 @@ second application is refused.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import data as qdata
 from ..errors import QVLMError
+from ..models import load, resolve_path
+from ..utils import atomic_dir, atomic_write_json
+from .sensitivity import measure
 
 FRAC = 1 / 64    # share of each norm's channels made outliers (at least one): LLaMA-7B has ~6-10 of 4096
 
@@ -112,9 +118,6 @@ W8A8_DROP = 0.01                      # ... while naive W8A8 stays within 1 poin
 def choose_scale(model: nn.Module, processor, batch: dict, samples: list[dict], scales=SWEEP, frac: float = FRAC):
     """Try each scale on a copy (naive RTN W4A4 / W8A8 on `samples`, which must not be test); returns (scale, rows)
     for the first that meets W4A4_DROP and W8A8_DROP (the last one tried if none does)."""
-    import copy
-
-    from .sensitivity import measure
     rows = []
     for scale in scales:
         m = copy.deepcopy(model)
@@ -127,10 +130,6 @@ def choose_scale(model: nn.Module, processor, batch: dict, samples: list[dict], 
 
 
 def main(argv=None) -> int:
-    from .. import data as qdata
-    from ..models import load, resolve_path
-    from ..utils import atomic_dir, atomic_write_json
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--out", default="", help="output checkpoint directory (default: replace --model)")
@@ -165,7 +164,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
     try:
         sys.exit(main())
     except QVLMError as e:

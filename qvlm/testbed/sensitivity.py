@@ -8,26 +8,23 @@ checkpoint (atomically), so notebook 00 and the tests read the measured numbers.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 
 from .. import data as qdata
-from ..config import CalibConfig, QuantConfig
+from ..config import CalibConfig, EvalConfig
 from ..evaluate import evaluate
+from ..experiments import run_one
 from ..models import load, resolve_path
 from ..utils import atomic_write_json
 
 
-def measure(model, processor, samples, cfg=None, seed: int = 0) -> dict:
+def measure(model, processor, samples, batch_size: int = 32, seed: int = 0) -> dict:
     """{"fp", "rtn_w4a4", "rtn_w8a8"} accuracies of `model` on `samples` (the model itself is not modified)."""
-    from ..quantize_cmd import quantize
-
-    bs = getattr(cfg, "batch_size", 32) or 32
-    out = {"fp": evaluate(model, processor, samples, batch_size=bs, progress=False)["accuracy"]}
-    for w, a in ((4, 4), (8, 8)):
-        qmodel, _ = quantize(copy.deepcopy(model), processor, "rtn", QuantConfig(w_bits=w, a_bits=a),
-                             CalibConfig(n_calib=8, seed=seed))
-        out[f"rtn_w{w}a{a}"] = evaluate(qmodel, processor, samples, batch_size=bs, progress=False)["accuracy"]
+    out = {"fp": evaluate(model, processor, samples, batch_size=batch_size, progress=False)["accuracy"]}
+    ev = EvalConfig(batch_size=batch_size)
+    for setting in ("W4A4", "W8A8"):
+        row = run_one(model, processor, "rtn", setting, seed, calib=CalibConfig(n_calib=8), eval=ev, samples=samples)
+        out[f"rtn_{setting.lower()}"] = row["accuracy"]
     out["n"] = len(samples)
     return out
 

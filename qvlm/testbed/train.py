@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration
 
 from .. import data as qdata
 from ..data import synthetic
 from ..evaluate import chance_accuracy, evaluate
-from ..models import llava
+from ..models import llava, load
 from ..models.tiny import ARCH, build_config, build_processor
 from ..paths import TINY_DIR
 from ..utils import atomic_dir, atomic_write_json, seed_everything
@@ -203,9 +204,7 @@ def train(out: Path = TINY_DIR, seed: int = 0, smoke: bool = False, init: str = 
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     t0 = time.time()
-    from transformers import LlavaForConditionalGeneration
     if init:
-        from ..models import load
         model, processor = load(init)
         model.train()
         previous = json.loads((Path(init) / "testbed.json").read_text()) if (Path(init) / "testbed.json").exists() else {}

@@ -1,10 +1,10 @@
-"""Per-token activation quantization kernel: codes and scales must equal qvlm.quant.quantize_act bit for bit."""
+"""Per-token activation quantization kernel: codes and scales must equal qvlm.core.quant.quantize_act bit for bit."""
 import pytest
 import torch
 
 from kernels import act_quant, act_quant_ref, unpack_int4
 from kernels.testing import assert_close_where
-from qvlm.quant import fake_quant_act, quantize_act
+from qvlm.core.quant import fake_quant_act, quantize_act
 
 SHAPES = [(1, 64), (3, 96), (16, 200), (37, 200), (37, 64)]          # (M, K): ragged against BLOCK_M = 16
 

@@ -12,7 +12,7 @@ import kernels.layers
 from kernels import PackedLinear, mode_for
 from kernels.testing import UNIT_ROUNDOFF, assert_close_where, gemm_tolerance
 from qvlm.errors import QVLMError
-from qvlm.quant import fake_quant_act, fake_quant_weight, weight_qparams
+from qvlm.core.quant import fake_quant_act, fake_quant_weight, weight_qparams
 
 CASES = [  # (w_bits, a_bits, group_size, symmetric) -> mode
     (4, 16, 32, True), (4, 16, 0, False), (3, 16, 64, False),

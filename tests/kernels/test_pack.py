@@ -1,11 +1,11 @@
-"""int4 packing: byte layout, pack/unpack round trips (torch and Triton), and PackedWeight vs qvlm.quant."""
+"""int4 packing: byte layout, pack/unpack round trips (torch and Triton), and PackedWeight vs qvlm.core.quant."""
 import pytest
 import torch
 
 from kernels import PackedWeight, pack_int4, pack_weight, unpack_int4, unpack_int4_ref, unpack_weight
 from kernels.testing import assert_close_where
 from qvlm.errors import QVLMError
-from qvlm.quant import dequantize_weight, fake_quant_weight, quantize_weight
+from qvlm.core.quant import dequantize_weight, fake_quant_weight, quantize_weight
 
 
 def test_byte_layout():

@@ -1,4 +1,4 @@
-"""W4A16 kernel vs its torch reference and vs qvlm.quant fake quantization (x @ fake_quant_weight(W).T in fp32).
+"""W4A16 kernel vs its torch reference and vs qvlm.core.quant fake quantization (x @ fake_quant_weight(W).T in fp32).
 
 Tolerances (kernels.testing.gemm_tolerance): the kernel rounds each dequantized weight to x's dtype before the MMA
 (u_op * |x| @ |W_hat|.T), accumulates in fp32 (K * 2^-24 * |x| @ |W_hat|.T) and rounds the output (2 * u_out * |ref|).
@@ -8,7 +8,7 @@ import torch
 
 from kernels import pack_weight, w4a16_matmul, w4a16_ref
 from kernels.testing import assert_close_where, gemm_tolerance
-from qvlm.quant import fake_quant_weight
+from qvlm.core.quant import fake_quant_weight
 
 SHAPES = [(M, K, N) for M in (1, 3, 16, 37) for K in (64, 96, 200) for N in (48, 130)]
 BLOCK = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64}                 # ragged against every shape above

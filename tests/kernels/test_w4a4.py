@@ -1,4 +1,4 @@
-"""W4A4 kernel: exact int32 accumulator vs the integer matmul of qvlm.quant codes (both operands packed int4,
+"""W4A4 kernel: exact int32 accumulator vs the integer matmul of qvlm.core.quant codes (both operands packed int4,
 unpacked in registers to int8 MMA), and the rescaled output vs its torch reference and vs
 fake_quant_act(x, 4) @ fake_quant_weight(W, 4).T (fp32). Tolerances as in test_w8a8.py.
 """
@@ -7,7 +7,7 @@ import torch
 
 from kernels import INTERPRET, act_quant, pack_int4, pack_weight, w4a4_int32, w4a4_int32_ref, w4a4_matmul, w4a4_ref
 from kernels.testing import assert_close_where, gemm_tolerance
-from qvlm.quant import fake_quant_act, fake_quant_weight, quantize_act, quantize_weight
+from qvlm.core.quant import fake_quant_act, fake_quant_weight, quantize_act, quantize_weight
 
 SHAPES = [(M, K, N) for M in (1, 3, 16, 37) for K in (64, 96, 200) for N in (48, 130)]
 BLOCK = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64}                 # BLOCK_K 64: two int8 dots of K = 32

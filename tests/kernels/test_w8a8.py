@@ -1,4 +1,4 @@
-"""W8A8 kernel: exact int32 accumulator vs the integer matmul of qvlm.quant codes, and the rescaled output vs
+"""W8A8 kernel: exact int32 accumulator vs the integer matmul of qvlm.core.quant codes, and the rescaled output vs
 its torch reference and vs fake_quant_act(x) @ fake_quant_weight(W).T (fp32).
 
 Tolerances (kernels.testing.gemm_tolerance): integer sums are exact; the per-group rescale and the reference's
@@ -9,7 +9,7 @@ import torch
 
 from kernels import act_quant, pack_weight, w8a8_int32, w8a8_int32_ref, w8a8_matmul, w8a8_ref
 from kernels.testing import assert_close_where, gemm_tolerance
-from qvlm.quant import fake_quant_act, fake_quant_weight, quantize_act, quantize_weight
+from qvlm.core.quant import fake_quant_act, fake_quant_weight, quantize_act, quantize_weight
 
 SHAPES = [(M, K, N) for M in (1, 3, 16, 37) for K in (64, 96, 200) for N in (48, 130)]
 BLOCK = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32}                 # BLOCK_K 32: the smallest int8 MMA K

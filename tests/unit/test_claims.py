@@ -1,11 +1,12 @@
-"""qvlm.claims: each verdict from constructed upstream metrics (including the exact thresholds), and the handling
+"""qvlm.report.claims: each verdict from constructed upstream metrics (including the exact thresholds), and the handling
 of missing or mismatched upstream outputs. No notebook runs here: the runner is a stub."""
 import json
 
 import pandas as pd
 import pytest
 
-from qvlm import claims as C
+from qvlm import reproduce
+from qvlm.report import claims as C
 from qvlm.errors import QVLMError
 
 R, NR, NM = C.REPRODUCED, C.NOT_REPRODUCED, C.NOT_MEASURABLE
@@ -172,13 +173,13 @@ def test_ensure_upstream_runs_only_the_missing_notebooks(tmp_path):
         _write(tmp_path, nb.stem)
 
     logs = []
-    ran = C.ensure_upstream(str(tmp_path), "smoke", parameters={"MODEL": "tiny"}, runner=runner, log=logs.append)
+    ran = reproduce.ensure_upstream(str(tmp_path), "smoke", parameters={"MODEL": "tiny"}, runner=runner, log=logs.append)
     assert ran == list(C.UPSTREAM[5:]) and [c[0] for c in calls] == ran
     assert all(c[1] == "smoke" and c[2] == tmp_path / c[0] and c[3] == tmp_path / "executed"
                and c[4] == {"MODEL": "tiny"} for c in calls)
     assert len(logs) == 2 and "running notebooks/05_rounding_search.ipynb in smoke mode" in logs[0]
     assert C.missing_upstream(str(tmp_path), "smoke") == []
-    assert C.ensure_upstream(str(tmp_path), "smoke", runner=runner) == []      # nothing left to run
+    assert reproduce.ensure_upstream(str(tmp_path), "smoke", runner=runner) == []      # nothing left to run
     assert len(calls) == 2
 
 
@@ -206,7 +207,7 @@ def test_claims_markdown_escapes_pipes():
 
 
 def test_readme_shows_the_full_mode_claims_table_or_says_how_to_get_it(tmp_path, monkeypatch):
-    from qvlm import readme
+    from qvlm.report import readme
 
     monkeypatch.setattr(readme, "RESULTS_DIR", tmp_path)
     assert "run `make reproduce`" in "\n".join(readme.claims_section())

@@ -1,11 +1,14 @@
-"""qvlm.dependency: Eq. 4 conditional entropy from joint code histograms (identities), channel pairing,
+"""qvlm.analysis.dependency: Eq. 4 conditional entropy from joint code histograms (identities), channel pairing,
 collection on a random testbed model, the R^2 fit, and DED from actual rounding searches."""
 import math
 
 import pytest
 import torch
 
-from qvlm import data, dependency as D, entropy as E
+from qvlm import data
+from qvlm.analysis import dependency as D
+from qvlm.analysis import entropy as E
+from qvlm.core import units as U
 from qvlm.config import QuantConfig
 from qvlm.errors import QVLMError
 from qvlm.models import tiny
@@ -70,7 +73,7 @@ def test_run_dependency_profile(model_and_samples, pairing, tmp_path):
     for k, v in enumerate(d):
         if k not in cross:
             assert 0.0 <= v <= math.log(16) + TOL
-            if pairing == "index":                           # H(Y | X) <= H(Y), same codes as qvlm.entropy
+            if pairing == "index":                           # H(Y | X) <= H(Y), same codes as qvlm.analysis.entropy
                 assert v <= h[k + 1] + 1e-6
     back = D.load_dependency(D.save_dependency(stats, tmp_path / "d.pt"))
     assert back.config["pairing"] == pairing and back.dependency() == pytest.approx(d, nan_ok=True)
@@ -89,13 +92,13 @@ def test_fit_line_and_r2():
 
 
 # --------------------------------------------------------------------------------------------- DED (b)
-from qvlm.methods.reconstruct import ReconConfig  # noqa: E402
+from qvlm.core.reconstruct import ReconConfig  # noqa: E402
 
 
 def test_ded_from_actual_searches(model_and_samples):
     model, processor, samples = model_and_samples
     qcfg = QuantConfig(w_bits=3, a_bits=8)
-    units = E.find_units(model, processor, samples[0], ("llm",))
+    units = U.find_units(model, processor, samples[0], ("llm",))
     edge = [k for k in range(len(units) - 1) if units[k].block != units[k + 1].block][0]   # down -> next q|k|v
     stats = D.run_ded(model, processor, samples[:1], qcfg, ReconConfig(iters=4), edges=[edge], scope=("llm",))
     assert [r["edge"] for r in stats.rows] == [edge]
@@ -109,7 +112,7 @@ def test_ded_from_actual_searches(model_and_samples):
 
 def test_ded_rejects_cross_part_edges(model_and_samples):
     model, processor, samples = model_and_samples
-    units = E.find_units(model, processor, samples[0])
+    units = U.find_units(model, processor, samples[0])
     cross = next(k for k in range(len(units) - 1) if units[k].part != units[k + 1].part)
     with pytest.raises(QVLMError):
         D.run_ded(model, processor, samples[:1], QuantConfig(), ReconConfig(iters=1), edges=[cross])

@@ -20,11 +20,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from qvlm import cli, data, deploy, methods, models  # noqa: E402
-from qvlm.config import QuantConfig  # noqa: E402
+from qvlm import cli, data, deploy, experiments, loading, methods, models  # noqa: E402
+from qvlm import evaluate  # noqa: E402
+from qvlm.config import EvalConfig, QuantConfig  # noqa: E402
 from qvlm.errors import QVLMError  # noqa: E402
 from qvlm.models import tiny  # noqa: E402
-from qvlm.qlinear import QUANT_META, QuantLinear, quant_linears, save_quantized  # noqa: E402
+from qvlm.core.checkpoint import QUANT_META, save_quantized  # noqa: E402
+from qvlm.core.qlinear import QuantLinear, quant_linears  # noqa: E402
 
 torch.set_num_threads(1)
 SMALL = dict(vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64,
@@ -166,7 +168,7 @@ def test_checkpoint_round_trip(batch, tmp_path):
     out = deploy.save_packed(model, tmp_path / "packed", processor=processor, source={"test": True})
     meta = json.loads((out / deploy.PACKED_META).read_text())
     assert meta["scheme"]["name"] == "w4a4" and meta["scheme"]["kernels"] == {"w4a4": len(meta["layers"])}
-    for loaded, _ in (deploy.load_packed(out), models.load(str(out))):        # models.load detects the packed dir
+    for loaded, _ in (deploy.load_packed(out), loading.load(str(out))):       # loading.load detects the packed dir
         assert len(deploy.packed_linears(loaded)) == len(meta["layers"])
         assert torch.equal(_logits(loaded, batch), before)                       # same tensors, same code path
 
@@ -185,7 +187,9 @@ def test_memory_report(tmp_path):
     assert codes["bytes"] * 4 == codes["fp16_bytes"]                            # two codes per byte, exactly
     assert rep["total"]["bytes"] < rep["total"]["fp16_bytes"] * 2               # the FP rest is fp32 here
     assert rep["disk"]["tensor_file_bytes"] >= sum(r["disk_bytes"] for r in rep["rows"])
-    assert deploy.linear_bytes_total()["ratio"] >= 3.7                          # llava-7b W4 g128 by formula
+    ref = deploy.formula_bytes(deploy.reference_model("llava-1.5-7b"), w_bits=4, group_size=128)
+    assert ref["n_linears"] == 24 * 6 + 2 + 32 * 7 and ref["linear_ratio"] >= 3.7   # discovered: 370 linears, W4 g128
+    assert 3.0 < ref["model_ratio"] < ref["linear_ratio"]                       # embeddings / lm_head stay FP16
 
 
 def _err_line(err):
@@ -240,20 +244,18 @@ def test_gpu_kernels_match_fake_quant(batch):
     assert (_logits(model, b) - fake).abs().max() <= 0.02 * (fake.max() - fake.min())
 
 
-def test_quantize_and_deploy_observes_without_perturbing():
-    """The capture hooks of quantize_and_deploy must not change what the fake-quant model predicts (a forward hook
-    that returns a value replaces the layer's output), and the layer-local check must pass on a correct deploy."""
-    import copy
-
-    from qvlm import evaluate
+def test_deploying_run_observes_without_perturbing():
+    """The capture hooks of experiments.run_one(deploy=True) must not change what the fake-quant model predicts (a
+    forward hook that returns a value replaces the layer's output), and the layer-local check must pass."""
     model, processor = models.load("tiny")
     samples = data.load_split("tiny", "val", limit=12)
-    qcfg = QuantConfig(w_bits=4, a_bits=4)
-    r = deploy.quantize_and_deploy(model, processor, samples, qcfg, "rtn", batch_size=12)
-    plain, _ = methods.quantize(copy.deepcopy(model), processor, "rtn", qcfg, progress=False)
-    assert r["predictions"][0] == evaluate.predict(plain, processor, samples, 12, progress=False)
-    assert r["layer_check"]["n_layers"] == len(quant_linears(plain))
-    assert r["layer_check"]["max_rel_err"] <= deploy.layer_rtol(torch.float32)
+    ev = EvalConfig(batch_size=12)
+    row = experiments.run_one(model, processor, "rtn", "W4A4", samples=samples, eval=ev, deploy=True, keep_model=True)
+    plain = experiments.run_one(model, processor, "rtn", "W4A4", samples=samples, eval=ev, keep_model=True)
+    assert row["info"]["predictions"]["fake"] == evaluate.predict(plain["model_object"], processor, samples, 12,
+                                                                  progress=False)
+    assert row["layer_max_rel_err"] <= deploy.layer_rtol(torch.float32)
+    assert row["agreement"] >= 0.9 and row["scheme"] == "w4a4"
 
 
 def test_layerwise_check_catches_a_wrong_layer(batch):

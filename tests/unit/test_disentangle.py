@@ -1,11 +1,14 @@
-"""qvlm.disentangle: the differentiable entropy surrogate against the hard histogram, the trainable-parameter
+"""qvlm.method.disentangle: the differentiable entropy surrogate against the hard histogram, the trainable-parameter
 choice, the Jacobian gammas, and one VEO optimisation step lowering its own loss (Eq. 5)."""
 import math
 
 import pytest
 import torch
 
-from qvlm import data, disentangle as V, entropy as E
+from qvlm import data
+from qvlm.analysis import entropy as E
+from qvlm.core import hooks as H
+from qvlm.method import disentangle as V
 from qvlm.config import QuantConfig
 from qvlm.errors import QVLMError
 from qvlm.models import llava, tiny
@@ -69,8 +72,8 @@ def test_one_step_lowers_the_veo_loss_and_apply_round_trip(calib, tmp_path):
     V.apply_disentangle(fresh, back)
     b = data.collate(calib, processor)
     with torch.no_grad():
-        out_a = model(**E.model_inputs(model, b)).logits
-        out_b = fresh(**E.model_inputs(fresh, b)).logits
+        out_a = model(**H.model_inputs(model, b)).logits
+        out_b = fresh(**H.model_inputs(fresh, b)).logits
     assert torch.equal(out_a, out_b)
     assert back.config["encoder_params"] == "layernorm"
     # only vision-tower parameters changed

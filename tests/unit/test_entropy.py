@@ -1,11 +1,13 @@
-"""qvlm.entropy: the level-histogram entropy estimator against closed forms, and the hook collection on a
+"""qvlm.analysis.entropy: the level-histogram entropy estimator against closed forms, and the hook collection on a
 random-init testbed model (per-token scales, image/text split, units)."""
 import math
 
 import pytest
 import torch
 
-from qvlm import data, entropy as E
+from qvlm import data
+from qvlm.analysis import entropy as E
+from qvlm.core import units as U
 from qvlm.config import QuantConfig
 from qvlm.errors import QVLMError
 from qvlm.models import tiny
@@ -81,7 +83,7 @@ def model_and_samples():
 
 def test_units_group_linears_that_share_an_input(model_and_samples):
     model, processor, samples = model_and_samples
-    units = E.find_units(model, processor, samples[0])
+    units = U.find_units(model, processor, samples[0])
     names = [u.name for u in units]
     assert "llm.0.q_proj+k_proj+v_proj" in names and "llm.0.gate_proj+up_proj" in names
     assert "vision.0.q_proj+k_proj+v_proj" in names and "projector.0.linear_1" in names
@@ -120,7 +122,13 @@ def test_padding_is_ignored(model_and_samples):
     alone = E.run_entropy(model, processor, [short], QuantConfig(), scope=("llm",))
     both = E.run_entropy(model, processor, [short, long_], QuantConfig(), scope=("llm",))
     other = E.run_entropy(model, processor, [long_], QuantConfig(), scope=("llm",))
-    assert torch.allclose(both.counts["all"], alone.counts["all"] + other.counts["all"], atol=0.5)
+    want = alone.counts["all"] + other.counts["all"]
+    # padding is excluded exactly: every layer counts the same number of coded elements
+    assert torch.equal(both.counts["all"].sum(1), want.sum(1))
+    # ... and the codes agree up to float roundoff: a padded batch runs matmuls of another shape, whose summation
+    # order can move an element that sits on a rounding boundary by one level (seen on some CPUs, random weights)
+    moved = (both.counts["all"] - want).abs().sum(1) / 2 / want.sum(1)
+    assert float(moved.max()) <= 0.005, moved
 
 
 def test_bits_override_and_fp_model_rejects_16(model_and_samples):

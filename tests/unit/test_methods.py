@@ -7,16 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvlm import calib, methods, quant
+from qvlm import methods
+from qvlm.core import calib, quant
 from qvlm import data as qdata
 from qvlm.config import CalibConfig, QuantConfig
 from qvlm.errors import QVLMError
 from qvlm.evaluate import evaluate
 from qvlm.methods.awq import search_clip
 from qvlm.methods.gptq import gptq_quantize_weight, hessian_error
-from qvlm.methods.reconstruct import ReconConfig, objective, reconstruct
+from qvlm.core.reconstruct import ReconConfig, objective, reconstruct
 from qvlm.models import tiny
-from qvlm.qlinear import QuantLinear
+from qvlm.core.qlinear import QuantLinear
 
 torch.set_num_threads(1)
 SMALL = dict(vision_hidden=32, vision_layers=2, vision_heads=2, vision_mlp=64,

@@ -1,9 +1,9 @@
-"""qvlm.partition: the entropy-guided partition rule and the baselines, as pure functions of a score profile."""
+"""qvlm.method.partition: the entropy-guided partition rule and the baselines, as pure functions of a score profile."""
 import math
 
 import pytest
 
-from qvlm import partition as P
+from qvlm.method import partition as P
 from qvlm.errors import QVLMError
 
 

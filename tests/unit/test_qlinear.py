@@ -1,14 +1,18 @@
-"""QuantLinear against the qvlm.quant reference; model swapping; quantized save / load round trips."""
+"""QuantLinear against the qvlm.core.quant reference; model swapping; quantized save / load round trips."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvlm import quant
+from qvlm import data as qdata
+from qvlm import loading, methods, models
+from qvlm.config import CalibConfig
+from qvlm.core import quant
 from qvlm.config import QuantConfig
 from qvlm.errors import QVLMError
 from qvlm.models import llava, tiny
-from qvlm.qlinear import QUANT_META, QuantLinear, freeze_model, quant_linears, quantize_model, save_quantized
+from qvlm.core.checkpoint import QUANT_META, save_quantized
+from qvlm.core.qlinear import QuantLinear, freeze_model, quant_linears, quantize_model
 
 torch.set_num_threads(1)
 SMALL = dict(vision_hidden=32, vision_layers=2, vision_heads=2, vision_mlp=64,
@@ -171,7 +175,7 @@ def test_quantize_model_group_size_error_names_layer():
 
 
 def _logits(model, processor):
-    from qvlm import data as qdata
+
     b = qdata.collate(qdata.load_split("tiny", "test", limit=4), processor)
     with torch.no_grad():
         return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
@@ -181,7 +185,7 @@ def _logits(model, processor):
 @pytest.mark.parametrize("qcfg", [QuantConfig(4, 8, group_size=16, w_symmetric=False),
                                   QuantConfig(8, 8, a_granularity="tensor", scope="vision,llm")])
 def test_save_load_round_trip_self_contained(tmp_path, qcfg):
-    from qvlm import models
+
     model, processor = _small()
     quantize_model(model, qcfg)
     for _, m in quant_linears(model):                 # a static range and a smoothing scale travel too
@@ -194,7 +198,7 @@ def test_save_load_round_trip_self_contained(tmp_path, qcfg):
     out = tmp_path / "q"
     save_quantized(model, qcfg, {"method": "test"}, out, processor=processor)
     assert (out / QUANT_META).is_file()
-    model2, processor2 = models.load(str(out))       # the qvlm.models.load hook
+    model2, processor2 = loading.load(str(out))      # dispatches on the marker file
     assert torch.equal(_logits(model2, processor2), y)
     assert len(quant_linears(model2)) == len(quant_linears(model))
 
@@ -202,8 +206,8 @@ def test_save_load_round_trip_self_contained(tmp_path, qcfg):
 def test_save_load_with_base_checkpoint_stores_only_what_changed(tmp_path):
     from safetensors.torch import load_file
 
-    from qvlm import methods, models
-    from qvlm.config import CalibConfig
+
+
     model, processor = _small()
     base = tmp_path / "base"
     model.save_pretrained(base)
@@ -219,7 +223,7 @@ def test_save_load_with_base_checkpoint_stores_only_what_changed(tmp_path):
     keys = load_file(str(tmp_path / "q" / "quantized.safetensors")).keys()
     changed = [k for k in keys if ".language_model.layers." not in k]
     assert len(changed) == 1 and "vision_tower" in changed[0]        # nothing else outside the quantized linears
-    model2, _ = models.load(str(tmp_path / "q"))
+    model2, _ = loading.load(str(tmp_path / "q"))
     assert torch.equal(_logits(model2, processor), y)
 
 

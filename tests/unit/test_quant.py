@@ -1,8 +1,8 @@
-"""qvlm.quant primitives against closed forms: grids, error bounds, round trips, STE, groups, edge cases."""
+"""qvlm.core.quant primitives against closed forms: grids, error bounds, round trips, STE, groups, edge cases."""
 import pytest
 import torch
 
-from qvlm import quant
+from qvlm.core import quant
 from qvlm.errors import QVLMError
 
 torch.set_num_threads(1)

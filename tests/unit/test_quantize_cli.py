@@ -11,7 +11,7 @@ import torch
 from qvlm import cli
 from qvlm.models import tiny
 from qvlm.paths import REPO_ROOT
-from qvlm.qlinear import QUANT_META
+from qvlm.core.checkpoint import QUANT_META
 
 torch.set_num_threads(1)
 SMALL = dict(vision_hidden=32, vision_layers=2, vision_heads=2, vision_mlp=64,

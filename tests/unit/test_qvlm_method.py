@@ -1,15 +1,18 @@
-"""qvlm.rounding + qvlm.methods.qvlm: driver units, the block search against RTN, the full pipeline
+"""qvlm.method.rounding + qvlm.method.pipeline: driver units, the block search against RTN, the full pipeline
 (registration, determinism, R10 save -> load -> apply), config validation and the generated CLI flags."""
-import argparse
 import copy
 
 import pytest
 import torch
 
-from qvlm import data, entropy as E, methods, rounding as R
+from qvlm import cli, data, evaluate, methods
+from qvlm.core import units as U
+from qvlm.analysis import entropy as E
+from qvlm.core import hooks as H
+from qvlm.method import rounding as R
 from qvlm.config import CalibConfig, QuantConfig
 from qvlm.errors import QVLMError
-from qvlm.methods import qvlm as Q
+from qvlm.method import pipeline as Q
 from qvlm.models import tiny
 
 torch.set_num_threads(1)
@@ -21,7 +24,7 @@ KNOBS = dict(iters=10, veo_iters=2)
 def logits(model, processor, samples):
     b = data.collate(samples, processor)
     with torch.no_grad():
-        return model(**E.model_inputs(model, b)).logits
+        return model(**H.model_inputs(model, b)).logits
 
 
 def test_driver_units_close_over_straddling_blocks():
@@ -29,7 +32,7 @@ def test_driver_units_close_over_straddling_blocks():
     blocks = [["llm.0.a", "llm.0.b"], ["llm.0.c", "llm.1.a"], ["llm.1.b"], ["llm.2.a"], ["llm.2.b", "llm.3.a"]]
     assert R.driver_units(blocks, layers) == [["llm.0", "llm.1"], ["llm.2", "llm.3"]]
     assert R.driver_units([["llm.0.a"], ["llm.1.a"]], ["llm.0", "llm.1"]) == [["llm.0"], ["llm.1"]]
-    assert R.block_of("vision.12.mlp.fc1") == "vision.12"
+    assert U.layer_of("vision.12.mlp.fc1") == "vision.12"
 
 
 def test_config_validation():
@@ -45,19 +48,16 @@ def test_config_validation():
 
 
 def test_cli_flags_generated_from_the_dataclass():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--iters", type=int, default=0)          # already owned by `qvlm quantize`
-    Q.add_arguments(parser)
-    args = parser.parse_args(["--p", "0.7", "--max-depth", "2", "--veo", "false", "--encoder-params", "all"])
-    assert Q.knobs_from_args(args) == dict(p=0.7, max_depth=2, veo=False, encoder_params="all")
-    assert Q.knobs_from_args(parser.parse_args([])) == {}
-    Q.QVLMConfig(**Q.knobs_from_args(args))
-    # wired into `qvlm quantize` (qvlm.quantize_cmd.add_parser)
-    from qvlm import quantize_cmd
-    cli = argparse.ArgumentParser()
-    quantize_cmd.add_parser(cli.add_subparsers())
-    ns = cli.parse_args(["quantize", "--method", "qvlm", "--out", "x", "--eta", "0.5", "--iters", "3"])
-    assert Q.knobs_from_args(ns) == dict(eta=0.5) and ns.iters == 3
+    parser = cli.build_parser(["quantize", "--method", "qvlm"])
+    args = parser.parse_args(["quantize", "--method", "qvlm", "--out", "x", "--p", "0.7", "--max-depth", "2",
+                              "--veo", "false", "--encoder-params", "all", "--iters", "3"])
+    assert cli.knobs_from_args(args) == dict(p=0.7, max_depth=2, veo=False, encoder_params="all", iters=3)
+    Q.QVLMConfig(**cli.knobs_from_args(args))
+    with pytest.raises(SystemExit):                               # a misspelt knob is rejected, not ignored
+        parser.parse_args(["quantize", "--method", "qvlm", "--out", "x", "--max-dpeth", "2"])
+    rtn = cli.build_parser(["quantize", "--method", "rtn"])
+    with pytest.raises(SystemExit):                               # rtn has no knobs: --iters is not one of its flags
+        rtn.parse_args(["quantize", "--method", "rtn", "--out", "x", "--iters", "3"])
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,8 @@ def test_block_search_lowers_block_error_vs_rtn(pipeline):
 
 def test_output_error_against_fp(pipeline, calib):
     model, fp, processor, _ = pipeline[0]
-    assert R.output_error(fp, fp, processor, calib)["kl"] == pytest.approx(0.0, abs=1e-9)
-    err = R.output_error(model, fp, processor, calib)
+    assert evaluate.output_error(fp, fp, processor, calib)["kl"] == pytest.approx(0.0, abs=1e-9)
+    err = evaluate.output_error(model, fp, processor, calib)
     assert err["kl"] > 0 and err["mse"] > 0 and err["n"] == len(calib)
 
 

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import QVLMError
-from .utils import load_artifact, save_artifact
+from ..errors import QVLMError
+from ..utils import load_artifact, save_artifact
 
 THRESHOLDS = ("quantile", "absolute")
 SPLITS = ("weakest", "greedy")

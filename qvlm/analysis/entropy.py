@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data as qdata
-from .config import SCOPES, QuantConfig
-from .errors import QVLMError
-from .models import llava
-from .quant import FP_BITS, act_qparams, check_bits, qrange, quantize
-from .utils import load_artifact, save_artifact
+from ..config import QuantConfig
+from ..core.hooks import InputTap, calib_batches, check_train_split, image_token_id, model_inputs, token_masks
+from ..core.quant import FP_BITS, act_qparams, check_bits, qrange, quantize
+from ..core.units import find_units
+from ..errors import QVLMError
+from ..models import llava
+from ..utils import load_artifact, save_artifact
 
 ESTIMATORS = ("plugin", "miller_madow")
 SPLITS = ("all", "image", "text")
@@ -95,122 +96,6 @@ def gaussian_code_entropy(scale: float, bits: int, symmetric: bool = True, sigma
     lo = normal.cdf((q - zero_point - 0.5) * scale)
     hi[-1], lo[0] = 1.0, 0.0                                      # clamp: the tails land in qmin / qmax
     return entropy(hi - lo)
-
-
-# ------------------------------------------------------------------------------------------- hook machinery
-def token_masks(part: str, x: torch.Tensor, batch: dict, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(valid, image) boolean masks over the rows of x (..., C) flattened to (N,).
-
-    vision / projector inputs are image tokens only; LLM inputs are (B, T, C) aligned with input_ids, and
-    padding (attention_mask == 0) is dropped."""
-    n = x.reshape(-1, x.shape[-1]).shape[0]
-    if part != "llm":
-        ones = torch.ones(n, dtype=torch.bool)
-        return ones, ones
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    assert x.shape[:-1] == ids.shape, f"LLM input {tuple(x.shape)} does not align with input_ids {tuple(ids.shape)}"
-    return mask.bool().reshape(-1).cpu(), (ids == image_token_id).reshape(-1).cpu()
-
-
-def image_token_id(model: nn.Module) -> int:
-    """The image placeholder token id from the model config (never hard-coded)."""
-    tid = getattr(model.config, "image_token_id", None)
-    if tid is None:
-        tid = getattr(model.config, "image_token_index", None)
-    if tid is None:
-        raise QVLMError("model config has no image_token_id", "use a llava-hf LlavaForConditionalGeneration checkpoint")
-    return int(tid)
-
-
-def model_inputs(model: nn.Module, batch: dict) -> dict:
-    """The tensors of a collated batch the model's forward takes, on the model's device and dtype."""
-    dev, dt = llava.model_device(model), llava.model_dtype(model)
-    out = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask") if k in batch}
-    if "pixel_values" in batch:
-        out["pixel_values"] = batch["pixel_values"].to(dev, dt)
-    return out
-
-
-def check_train_split(samples: list[dict]) -> None:
-    """Calibration statistics and optimisation use the TRAIN split only (QVLMError otherwise)."""
-    if not samples:
-        raise QVLMError("empty calibration set", "pass at least one calibration sample (train split)")
-    bad = {s.get("split") for s in samples} - {"train"}
-    if bad:
-        raise QVLMError(f"calibration samples from split(s) {sorted(map(str, bad))}",
-                        "draw calibration data with qvlm.data.calibration_set (train split only)")
-
-
-def iterate_batches(processor, samples: list[dict], batch_size: int, with_answer: bool = False):
-    """Collated calibration batches (images and text-only never mixed)."""
-    if not samples:
-        raise QVLMError("empty calibration set", "pass at least one calibration sample (train split)")
-    for chunk in qdata.batches(samples, batch_size):
-        yield qdata.collate(chunk, processor, with_answer=with_answer)
-
-
-class InputTap:
-    """Forward pre-hooks that hand each watched linear's input to `fn(site, x)` during a forward pass.
-
-    Use as a context manager; hooks are removed on exit even if the forward raises."""
-
-    def __init__(self, modules: dict[str, nn.Module], fn):
-        self.modules, self.fn, self.handles = modules, fn, []
-
-    def __enter__(self):
-        for key, m in self.modules.items():
-            self.handles.append(m.register_forward_pre_hook(lambda mod, args, key=key: self.fn(key, args[0])))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-# ------------------------------------------------------------------------------------------- units
-@dataclass
-class Unit:
-    """Consecutive quantized linears that read the SAME input tensor (q/k/v; gate/up): one quantized input.
-
-    They share one activation quantizer input, so they have one entropy and are never split by a partition."""
-    index: int
-    keys: list                # LinearInfo.key of each member, forward order
-    part: str
-    block: int
-    width: int
-
-    @property
-    def name(self) -> str:
-        return unit_name(self.keys)
-
-
-def unit_name(keys: list[str]) -> str:
-    """['llm.0.self_attn.q_proj', 'llm.0.self_attn.k_proj'] -> 'llm.0.q_proj+k_proj' (a unit's display name)."""
-    part, block, _ = keys[0].split(".", 2)
-    return f"{part}.{block}.{'+'.join(k.rsplit('.', 1)[-1] for k in keys)}"
-
-
-def find_units(model: nn.Module, processor, sample: dict, scope=SCOPES) -> list[Unit]:
-    """Group `linear_layers(model, scope)` into Units by tracing which linears receive the same input tensor
-    object on one forward pass (data-driven: no layer names or widths are assumed)."""
-    infos = llava.linear_layers(model, scope)
-    seen: dict[str, torch.Tensor] = {}
-    with InputTap({i.key: i.module for i in infos}, lambda k, x: seen.setdefault(k, x)), torch.no_grad():
-        batch = qdata.collate([sample], processor)
-        model(**model_inputs(model, batch))
-    missing = [i.key for i in infos if i.key not in seen]
-    if missing:
-        raise QVLMError(f"{len(missing)} linear layers never ran on the probe sample (first: {missing[0]})",
-                        "use a calibration sample with an image so the vision tower runs")
-    units: list[Unit] = []
-    for info in infos:
-        last = units[-1] if units else None
-        if last is not None and seen[info.key] is seen[last.keys[-1]]:
-            last.keys.append(info.key)                            # same input tensor: same unit
-        else:
-            units.append(Unit(len(units), [info.key], info.part, info.block, info.module.in_features))
-    return units
 
 
 # ------------------------------------------------------------------------------------------- collection
@@ -281,12 +166,12 @@ def run_entropy(model: nn.Module, processor, samples: list[dict], qcfg: QuantCon
     def on_input(key, x):
         info = infos[key]
         c = act_codes(x, qcfg, bits, info.module).reshape(-1, x.shape[-1]).cpu()   # (N, C) codes
-        valid, image = token_masks(info.part, x, state["batch"], img_id)          # (N,), (N,)
+        valid, image = (m.reshape(-1).cpu() for m in token_masks(state["batch"], x, img_id, info.part))   # (N,), (N,)
         for split, m in (("all", valid), ("image", valid & image), ("text", valid & ~image)):
             counts[split][row[key]] += level_counts(c[m], bits)
 
     with InputTap({k: infos[k].module for k in keys}, on_input):
-        for batch in iterate_batches(processor, samples, batch_size):
+        for batch in calib_batches(samples, processor, batch_size):
             state["batch"] = batch
             model(**model_inputs(model, batch))
     cfg = dict(bits=bits, a_symmetric=qcfg.a_symmetric, a_granularity=qcfg.a_granularity, scope=list(scope),

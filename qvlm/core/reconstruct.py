@@ -46,7 +46,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..qlinear import QuantLinear, rectified_sigmoid
+from ..errors import QVLMError
+from .qlinear import QuantLinear, rectified_sigmoid
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ class ReconConfig:
     learn_rounding: bool = True
     learn_act: bool = False      # also learn activation step (static) / clipping ratio (dynamic)
     drop_prob: float = 0.0       # QDrop: probability of keeping an activation element FP while learning (paper: 0.5)
+
+    def __post_init__(self):
+        if not isinstance(self.iters, int) or self.iters < 0:
+            raise QVLMError(f"iters={self.iters!r} must be a non-negative integer", "pass --iters 0 or more")
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise QVLMError(f"drop_prob={self.drop_prob} is outside [0, 1)", "pass 0 <= drop_prob < 1")
 
 
 def _masked_sq_error(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:

@@ -13,7 +13,7 @@ import io
 import math
 from pathlib import Path
 
-from .utils import atomic_write_json, atomic_write_text
+from ..utils import atomic_write_json, atomic_write_text
 
 
 def _jsonable(x):

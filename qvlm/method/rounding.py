@@ -34,33 +34,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calib import BlockData, calibrate, call_block
-from .config import QuantConfig
-from .errors import QVLMError
-from .methods.reconstruct import ReconConfig, reconstruct
-from .models import llava
-from .qlinear import QuantLinear, quant_linears, quantize_model
-from .utils import load_artifact, save_artifact
-
-
-class _Done(Exception):
-    """Raised by an output hook to stop a forward once the block's last unit has produced its output."""
+from ..config import QuantConfig
+from ..core.calib import BlockData, calibrate, group_forward, layer_inputs
+from ..core.qlinear import QuantLinear, quant_linears, quantize_model
+from ..core.reconstruct import ReconConfig, reconstruct
+from ..core.units import layer_of
+from ..errors import QVLMError
+from ..models import llava
+from ..utils import load_artifact, save_artifact
 
 
 # ------------------------------------------------------------------------------------------- structure
-def block_of(key: str) -> str:
-    """'llm.3.mlp.down_proj' -> 'llm.3' (the transformer layer, = llava.Block.key)."""
-    part, idx, _ = key.split(".", 2)
-    return f"{part}.{idx}"
-
-
 def driver_units(block_keys: list[list[str]], layer_keys: list[str]) -> list[list[str]]:
     """Smallest runs of consecutive transformer layers (llava.Block keys, forward order) such that no partition
     block (lists of linear keys) straddles two runs -- the units handed to qvlm.calib.calibrate."""
     pos = {k: i for i, k in enumerate(layer_keys)}
     joined = [False] * max(len(layer_keys) - 1, 0)         # joined[i]: layer i and i+1 in one driver unit
     for blk in block_keys:
-        lo, hi = min(pos[block_of(k)] for k in blk), max(pos[block_of(k)] for k in blk)
+        lo, hi = min(pos[layer_of(k)] for k in blk), max(pos[layer_of(k)] for k in blk)
         for i in range(lo, hi):
             joined[i] = True
     out: list[list[str]] = []
@@ -72,43 +63,6 @@ def driver_units(block_keys: list[list[str]], layer_keys: list[str]) -> list[lis
     return out
 
 
-def group_forward(modules: list[nn.Module], outputs: list[nn.Module], args, kwargs):
-    """forward(x, i) -> (B, T, sum C_out): run `modules` (consecutive transformer layers) on x with batch i's
-    args/kwargs and return the concatenated outputs of the `outputs` linears, stopping the forward there."""
-    def forward(x, i):
-        got = {}
-
-        def hook(mod, _inp, out):
-            got[id(mod)] = out
-            if len(got) == len(outputs):
-                raise _Done
-
-        handles = [m.register_forward_hook(hook) for m in outputs]
-        try:
-            with contextlib.suppress(_Done):
-                for m in modules:
-                    x = call_block(m, x, args[i], kwargs[i])
-        finally:
-            for h in handles:
-                h.remove()
-        assert len(got) == len(outputs), "the block's output layers did not all run"
-        return torch.cat([got[id(m)] for m in outputs], dim=-1)      # (B, T, sum C_out)
-    return forward
-
-
-@torch.no_grad()
-def layer_inputs(data: BlockData, layer: int, fp: bool = False) -> list[torch.Tensor]:
-    """Input of the unit's `layer`-th transformer layer per batch (quantized path, or FP path with fp=True)."""
-    mods = data.fp_blocks if fp else data.modules
-    out = []
-    for i in range(len(data)):
-        x = data.fp_inputs[i] if fp else data.inputs[i]
-        for m in mods[:layer]:
-            x = call_block(m, x, data.args[i], data.kwargs[i])
-        out.append(x)
-    return out
-
-
 # ------------------------------------------------------------------------------------------- one block
 def reconstruct_block(data: BlockData, keys: list[str], last_unit: list[str], cfg: ReconConfig,
                       progress: bool = False) -> dict:
@@ -116,7 +70,7 @@ def reconstruct_block(data: BlockData, keys: list[str], last_unit: list[str], cf
     output of its last unit (`last_unit` keys); leaves them frozen. Returns reconstruct()'s stats."""
     ql = dict(data.qlinears())
     layer_pos = {b.key: j for j, b in enumerate(data.blocks)}
-    lo, hi = layer_pos[block_of(keys[0])], layer_pos[block_of(keys[-1])]
+    lo, hi = layer_pos[layer_of(keys[0])], layer_pos[layer_of(keys[-1])]
     x_q = layer_inputs(data, lo)                                            # quantized path into layer lo
     x_fp = layer_inputs(data, lo, fp=True)
     fp_out = [data.fp_twin(k) for k in last_unit]
@@ -233,27 +187,3 @@ def apply_decisions(model: nn.Module, dec: Decisions, qcfg: QuantConfig | None =
     for _, m in quant_linears(model):
         m.freeze()                                                             # layers without decisions: RTN
     return model
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def output_error(model_q: nn.Module, model_fp: nn.Module, processor, samples: list[dict], batch_size: int = 16) -> dict:
-    """How far the quantized model's answer distribution is from the FP model's, at the answer position:
-    kl = mean KL(p_fp || p_q) of the next-token distributions (nats), mse = mean squared logit error per vocab entry."""
-    from . import data as qdata
-    kl, mse, n = 0.0, 0.0, 0
-    for chunk in qdata.batches(samples, batch_size):
-        b = qdata.collate(chunk, processor)
-        rows = torch.arange(len(chunk))
-        outs = []
-        for m in (model_fp, model_q):
-            dev = llava.model_device(m)
-            inp = {k: b[k].to(dev) for k in ("input_ids", "attention_mask")}
-            if "pixel_values" in b:
-                inp["pixel_values"] = b["pixel_values"].to(dev, llava.model_dtype(m))
-            outs.append(m(**inp).logits[rows, b["last"]].float().cpu())         # (B, V) at the answer position
-        lp_fp, lp_q = outs[0].log_softmax(-1), outs[1].log_softmax(-1)
-        kl += float((lp_fp.exp() * (lp_fp - lp_q)).sum())
-        mse += float((outs[0] - outs[1]).pow(2).mean(-1).sum())
-        n += len(chunk)
-    return dict(kl=kl / n, mse=mse / n, n=n)

@@ -39,13 +39,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import QuantConfig
-from .entropy import (InputTap, act_step, check_train_split, find_units, image_token_id, iterate_batches, model_inputs,
-                      token_masks)
-from .errors import QVLMError
-from .models import llava
-from .quant import check_bits, qrange
-from .utils import load_artifact, save_artifact
+from ..analysis.entropy import act_step
+from ..config import QuantConfig
+from ..core.hooks import InputTap, calib_batches, check_train_split, image_token_id, model_inputs, token_masks
+from ..core.quant import check_bits, qrange
+from ..core.units import find_units
+from ..errors import QVLMError
+from ..models import llava
+from ..utils import load_artifact, save_artifact
 
 KERNELS = ("triangle", "gaussian")
 ENCODER_PARAMS = ("layernorm", "layernorm+last", "all")
@@ -164,7 +165,7 @@ def veo_loss(model: nn.Module, batch: dict, taps: LLMInputs, gamma: dict[str, fl
     img_id = image_token_id(model)
     h = {}
     for key, x in taps.x.items():
-        valid, image = token_masks("llm", x, batch, img_id)
+        valid, image = (m.reshape(-1) for m in token_masks(batch, x, img_id, "llm"))
         rows = valid & image if cfg.tokens == "image" else valid
         if not rows.any():
             continue
@@ -213,7 +214,7 @@ def run_disentangle(model: nn.Module, processor, samples: list[dict], cfg: VEOCo
     bits = check_bits(bits or qcfg.a_bits, "bits")
     check_train_split(samples)
     torch.manual_seed(seed)
-    batches = [b for b in iterate_batches(processor, samples, cfg.batch_size, with_answer=True) if "pixel_values" in b]
+    batches = [b for b in calib_batches(samples, processor, cfg.batch_size, with_answer=True) if "pixel_values" in b]
     if not batches:
         raise QVLMError("no calibration sample has an image", "VEO trains the vision tower: use samples with images")
     taps = LLMInputs(model, processor, samples[0])

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import QVLMError
-from .paths import RESULTS_DIR
+from ..errors import QVLMError
+from ..paths import RESULTS_DIR
 
 # Upstream notebooks whose outputs notebook 07 reads, in reading order.
 UPSTREAM = ("00_testbed", "01_activation_entropy", "02_cross_layer_dependency", "03_block_partitioning",
@@ -60,28 +60,6 @@ def upstream_dir(stem: str, sources: str = "", mode: str = "full") -> Path:
 def missing_upstream(sources: str = "", mode: str = "full", stems=UPSTREAM) -> list[str]:
     """The stems whose metrics.json does not exist yet."""
     return [s for s in stems if not (upstream_dir(s, sources, mode) / "metrics.json").exists()]
-
-
-def ensure_upstream(sources: str = "", mode: str = "full", stems=UPSTREAM, parameters: dict | None = None,
-                    runner=None, log=print) -> list[str]:
-    """Run every upstream notebook whose metrics are missing, in `mode`, into its sources location; returns the
-    stems it ran. `runner(nb, mode, out_dir, executed, parameters=...)` defaults to `qvlm.reproduce.run_notebook`
-    (injectable for tests); `parameters` (e.g. MODEL, SEED) are passed on to each notebook."""
-    from . import reproduce
-
-    runner = runner or reproduce.run_notebook
-    todo = missing_upstream(sources, mode, stems)
-    by_stem = {nb.stem: nb for nb in reproduce.notebooks()}
-    for stem in todo:
-        if stem not in by_stem:
-            raise QVLMError(f"no notebook notebooks/{stem}.ipynb to produce missing outputs",
-                            f"pass SOURCES holding {stem}/metrics.json")
-        out = upstream_dir(stem, sources, mode)
-        executed = reproduce.executed_path(by_stem[stem], mode, Path(sources) if sources else RESULTS_DIR)
-        log(f"[07] {stem}: no metrics.json in {out} -- running notebooks/{stem}.ipynb in {mode} mode (executed copy: "
-            f"{executed})")
-        runner(by_stem[stem], mode, out, executed, parameters=parameters or {})
-    return todo
 
 
 def load_upstream(sources: str = "", mode: str = "full", model: str = "", stems=UPSTREAM) -> dict:

@@ -42,17 +42,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calib import capture_inputs, model_batches, token_mask
-from .config import QuantConfig
-from .entropy import (InputTap, act_codes, act_step, check_train_split, entropy, find_units, image_token_id,
-                      iterate_batches, model_inputs, run_entropy, token_masks)
-from .errors import QVLMError
-from .methods.reconstruct import ReconConfig, reconstruct
-from .models import llava
-from .qlinear import quant_linears, quantize_module
-from .quant import check_bits, quantize
-from . import rounding as qround      # module import: rounding -> methods -> qvlm -> dependency is a cycle
-from .utils import load_artifact, save_artifact
+from ..config import QuantConfig
+from ..core.calib import group_forward
+from ..core.hooks import (InputTap, calib_batches, capture_inputs, check_train_split, image_token_id, model_inputs,
+                          token_masks)
+from ..core.qlinear import quant_linears, quantize_module
+from ..core.quant import check_bits, quantize
+from ..core.reconstruct import ReconConfig, reconstruct
+from ..core.units import find_units
+from ..errors import QVLMError
+from ..models import llava
+from ..utils import load_artifact, save_artifact
+from .entropy import act_codes, act_step, entropy, run_entropy
 
 PAIRINGS = ("index", "token")
 
@@ -143,7 +144,7 @@ def run_dependency(model: nn.Module, processor, samples: list[dict], qcfg: Quant
 
     def on_input(key, x):
         u = first[key]
-        valid, _ = token_masks(u.part, x, state["batch"], img_id)
+        valid = token_masks(state["batch"], x, img_id, u.part)[0].reshape(-1).cpu()
         x2 = x.reshape(-1, x.shape[-1])
         if pairing == "token":
             c = token_summary(x2, qcfg, bits, infos[key].module).cpu()[valid]              # (N,) summaries
@@ -155,7 +156,7 @@ def run_dependency(model: nn.Module, processor, samples: list[dict], qcfg: Quant
         state["prev"] = (u.index, c)
 
     with InputTap({k: infos[k].module for k in first}, on_input):
-        for batch in iterate_batches(processor, samples, batch_size):
+        for batch in calib_batches(samples, processor, batch_size):
             state["batch"], state["prev"] = batch, None
             model(**model_inputs(model, batch))
     cfg = dict(bits=bits, pairing=pairing, a_symmetric=qcfg.a_symmetric, a_granularity=qcfg.a_granularity,
@@ -234,24 +235,24 @@ def _edge_ded(blocks: list, unit_a: list, unit_b: list, inputs: list, args: list
     fp_mods = [b.module for b in blocks]
     by_key = {f"{b.key}.{n}": m for b in blocks for n, m in b.module.named_modules()}
     with torch.no_grad():
-        fa = qround.group_forward(fp_mods, [by_key[k] for k in unit_a], args, kwargs)
-        fb = qround.group_forward(fp_mods, [by_key[k] for k in unit_b], args, kwargs)
+        fa = group_forward(fp_mods, [by_key[k] for k in unit_a], args, kwargs)
+        fb = group_forward(fp_mods, [by_key[k] for k in unit_b], args, kwargs)
         t_a = [fa(x, i) for i, x in enumerate(inputs)]                       # FP outputs of unit a
         t_b = [fb(x, i) for i, x in enumerate(inputs)]                       # FP outputs of unit b
     # layer-wise: unit a on its own output, then unit b on its own output with a frozen (sequential AdaRound)
     torch.manual_seed(seed)
     mods, qls = _window(blocks, qcfg, set(unit_a) | set(unit_b))
     qa, qb = [qls[k] for k in unit_a], [qls[k] for k in unit_b]
-    reconstruct(qa, qround.group_forward(mods, qa, args, kwargs), inputs, t_a, masks, cfg)
+    reconstruct(qa, group_forward(mods, qa, args, kwargs), inputs, t_a, masks, cfg)
     for m in qa:
         m.freeze()
-    lw = reconstruct(qb, qround.group_forward(mods, qb, args, kwargs), inputs, t_b, masks, cfg)
+    lw = reconstruct(qb, group_forward(mods, qb, args, kwargs), inputs, t_b, masks, cfg)
     # joint: both units at once on unit b's output
     torch.manual_seed(seed)
     mods, qls = _window(blocks, qcfg, set(unit_a) | set(unit_b))
     qa, qb = [qls[k] for k in unit_a], [qls[k] for k in unit_b]
     jcfg = dataclasses.replace(cfg, iters=2 * cfg.iters) if joint_budget == "matched" else cfg
-    jt = reconstruct(qa + qb, qround.group_forward(mods, qb, args, kwargs), inputs, t_b, masks, jcfg)
+    jt = reconstruct(qa + qb, group_forward(mods, qb, args, kwargs), inputs, t_b, masks, jcfg)
     n = sum(int(m.sum()) for m in masks)
     energy = sum(float(t.float().pow(2).sum(-1)[m].sum()) for t, m in zip(t_b, masks)) / max(n, 1)
     ded = lw["loss"] - jt["loss"]
@@ -277,7 +278,8 @@ def run_ded(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfig 
     layers = {b.key: b for b in llava.blocks(model, scope)}
     order = list(layers)
     todo = [e for e in range(len(units) - 1) if units[e].part == units[e + 1].part] if edges is None else list(edges)
-    batches = model_batches(samples, processor, batch_size, llava.model_device(model), llava.model_dtype(model))
+    batches = calib_batches(samples, processor, batch_size)
+    img_id = image_token_id(model)
     cache: dict[str, list] = {}
     batches_of: dict[str, list] = {}
     out = DEDStats(dict(asdict(cfg), bits=qcfg.a_bits, w_bits=qcfg.w_bits, scope=list(scope), seed=seed,
@@ -295,7 +297,7 @@ def run_ded(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfig 
             batches_of[first] = [bt for bt, c in zip(batches, caps) if c is not None]
         caps = cache[first]
         inputs = [c[0][0] for c in caps]
-        masks = [token_mask(bt, x) for bt, x in zip(batches_of[first], inputs)]
+        masks = [token_masks(bt, x, img_id, a.part)[0] for bt, x in zip(batches_of[first], inputs)]
         row = _edge_ded(span, a.keys, b.keys, inputs, [c[0][1:] for c in caps], [c[1] for c in caps], masks,
                         qcfg, cfg, seed, joint_budget)
         out.rows.append(dict(edge=e, unit=a.name, successor=b.name, **row))

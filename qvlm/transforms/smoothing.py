@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..qlinear import QuantLinear
+from ..core.qlinear import QuantLinear
 
 _V_TO_O = (("v_proj", "o_proj"), ("v_proj", "out_proj"))
 _UP_TO_DOWN = (("up_proj", "down_proj"),)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import QVLMError
+from ..errors import QVLMError
 
 FP_BITS = 16                      # "no quantization"
 VALID_BITS = tuple(range(2, 9)) + (FP_BITS,)

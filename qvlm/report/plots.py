@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 import seaborn as sns
 
-from .data import LETTERS
+from ..data import LETTERS
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -31,7 +33,6 @@ def sample_grid(samples: list[dict], n: int = 8, cols: int = 4, preds: list[int]
 
 def category_bars(results: dict[str, dict], chance: float | None = None, title: str = "accuracy by category"):
     """Grouped bars: {label: evaluate() result} -> per-category accuracy, with an overall group."""
-    import pandas as pd
 
     rows = []
     for label, r in results.items():
@@ -67,7 +68,6 @@ def entropy_profile(df, y: str = "H", hue: str = "bits", title: str = "H(x_q) pe
                     max_col: str | None = "log_K", ax=None):
     """Per-layer profile: df has one row per (layer, hue) with columns `pos` (forward index), `part`, `name`, y,
     hue and optionally `max_col` (the log K ceiling, drawn dashed)."""
-    import numpy as np
 
     if ax is None:
         fig, ax = plt.subplots(figsize=(11, 3.6))
@@ -109,9 +109,8 @@ def paired_bars(df, x: str, cols: list[str], title: str = "", ylabel: str = "", 
 
 def scatter_fit(df, x: str, y: str, hue: str, fits: dict, title: str = "", xlabel: str = "", ylabel: str = "",
                 ax=None):
-    """Scatter of (x, y) coloured by `hue`, with one fitted line per hue value: fits[h] = qvlm.dependency.fit_line
+    """Scatter of (x, y) coloured by `hue`, with one fitted line per hue value: fits[h] = qvlm.analysis.dependency.fit_line
     result ({slope, intercept, r2}); the legend shows each R^2."""
-    import numpy as np
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 4.2))

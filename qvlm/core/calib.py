@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import resource
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,15 +47,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data as qdata
-from .config import QuantConfig
-from .errors import QVLMError
-from .models import llava
+from ..config import QuantConfig
+from ..errors import QVLMError
+from ..models import llava
+from .hooks import Stop, calib_batches, call_block, capture_inputs, image_token_id, token_masks
 from .qlinear import QuantLinear, check_model, quant_linears, quantize_module
-
-
-class _Stop(Exception):
-    """Raised inside a forward pre-hook to abort the model forward once a block's input is captured."""
 
 
 @dataclass
@@ -109,12 +104,12 @@ class BlockData:
 
         def hook(_mod, args):
             got.append(args[0])
-            raise _Stop
+            raise Stop
 
         handle = module.register_forward_pre_hook(hook)
         try:
             for i in range(len(self)):
-                with contextlib.suppress(_Stop):
+                with contextlib.suppress(Stop):
                     self.forward(i, fp=fp)
         finally:
             handle.remove()
@@ -139,53 +134,11 @@ class BlockData:
         return t[self.masks[i]]
 
 
-def call_block(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """module(x, *args, **kwargs), returning the hidden states whether the block returns a tensor or a tuple."""
-    out = module(x, *args, **kwargs)
-    return out[0] if isinstance(out, tuple | list) else out
-
-
 def _check_finite(tensors, what: str, key: str) -> None:
     for t in tensors:
         if not torch.isfinite(t).all():
             raise QVLMError(f"non-finite (NaN/Inf) activations {what} block {key} during calibration",
                             "check the checkpoint for NaN/Inf weights, or calibrate in float32 (--dtype float32)")
-
-
-# --------------------------------------------------------------------------------------------------- capture
-def model_batches(samples: list[dict], processor, batch_size: int, device, dtype) -> list[dict]:
-    """Collated model inputs (on device) for the calibration samples; images and text-only never mixed."""
-    out = []
-    for chunk in qdata.batches(samples, batch_size):
-        b = qdata.collate(chunk, processor)
-        inp = dict(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
-        if "pixel_values" in b:
-            inp["pixel_values"] = b["pixel_values"].to(device, dtype)
-        out.append(inp)
-    return out
-
-
-@torch.no_grad()
-def capture_inputs(model: nn.Module, batches: list[dict], module: nn.Module) -> list[tuple | None]:
-    """(args, kwargs) that `module` receives in a real forward of each batch (None if it never runs, e.g. the
-    vision tower on a text-only batch). The forward is aborted at the module, so later blocks never run."""
-    got = []
-
-    def hook(_mod, args, kwargs):
-        got.append((args, dict(kwargs)))
-        raise _Stop
-
-    out = []
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for b in batches:
-            got.clear()
-            with contextlib.suppress(_Stop):
-                model(**b, use_cache=False)
-            out.append(got[0] if got else None)
-    finally:
-        handle.remove()
-    return out
 
 
 @torch.no_grad()
@@ -241,8 +194,8 @@ def calibrate(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfi
     if not samples:
         raise QVLMError("empty calibration set (0 samples)", "pass --calib N with N >= 1")
     check_model(model, qcfg)
-    device, dtype = llava.model_device(model), llava.model_dtype(model)
-    batches = model_batches(samples, processor, batch_size, device, dtype)
+    batches = calib_batches(samples, processor, batch_size)
+    img_id = image_token_id(model)
     blocks = llava.blocks(model, qcfg.scope)
     groups = _units(blocks, units)
     # FP stream: each part's first-block input, captured before anything is modified
@@ -266,7 +219,7 @@ def calibrate(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfi
             state = dict(part=g[0].part,
                          inputs=[q_caps[i][0][0] for i in rows], fp_inputs=[f_caps[i][0][0] for i in rows],
                          args=[q_caps[i][0][1:] for i in rows], kwargs=[q_caps[i][1] for i in rows],
-                         masks=[token_mask(batches[i], q_caps[i][0][0]) for i in rows])
+                         masks=[token_masks(batches[i], q_caps[i][0][0], img_id, g[0].part)[0] for i in rows])
             _check_finite(state["inputs"] + state["fp_inputs"], "entering", key)
         fp_blocks = [copy.deepcopy(b.module) for b in g]
         for m in fp_blocks:
@@ -298,50 +251,39 @@ def calibrate(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfi
     return stats
 
 
-def token_mask(batch: dict, hidden: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool valid tokens: the attention mask for LLM inputs, all-true for vision / projector tokens."""
-    am = batch["attention_mask"]
-    if tuple(am.shape) == tuple(hidden.shape[:2]):
-        return am.bool()
-    return torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
+# ------------------------------------------------------------------------------------------ running blocks
+def group_forward(modules: list[nn.Module], outputs: list[nn.Module], args, kwargs):
+    """forward(x, i) -> (B, T, sum C_out): run `modules` (consecutive transformer layers) on x with batch i's
+    args/kwargs and return the concatenated outputs of the `outputs` linears, stopping the forward there."""
+    def forward(x, i):
+        got = {}
+
+        def hook(mod, _inp, out):
+            got[id(mod)] = out
+            if len(got) == len(outputs):
+                raise Stop
+
+        handles = [m.register_forward_hook(hook) for m in outputs]
+        try:
+            with contextlib.suppress(Stop):
+                for m in modules:
+                    x = call_block(m, x, args[i], kwargs[i])
+        finally:
+            for h in handles:
+                h.remove()
+        assert len(got) == len(outputs), "the block's output layers did not all run"
+        return torch.cat([got[id(m)] for m in outputs], dim=-1)      # (B, T, sum C_out)
+    return forward
 
 
-# ---------------------------------------------------------------------------------------------- peak memory
-def _proc_status(field_name: str) -> int | None:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/self/status"):
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-@contextlib.contextmanager
-def peak_memory(device):
-    """Measure peak memory of the enclosed code; yields a dict filled on exit with "bytes" and "kind":
-
-    cuda_max_allocated : torch.cuda.max_memory_allocated() after reset_peak_memory_stats() (absolute, model included)
-    cpu_peak_rss_delta : Linux peak RSS (VmHWM, reset through /proc/self/clear_refs) minus RSS at entry
-    cpu_maxrss_delta   : fallback without /proc: getrusage ru_maxrss minus RSS-high-water at entry (0 if the process
-                         had already peaked higher before)"""
-    rec = {"bytes": 0, "kind": ""}
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        yield rec
-        torch.cuda.synchronize(dev)
-        rec.update(bytes=int(torch.cuda.max_memory_allocated(dev)), kind="cuda_max_allocated")
-        return
-    reset = False
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                          # reset VmHWM to the current RSS (Linux >= 4.0)
-        reset = True
-    start_rss = _proc_status("VmRSS")
-    if reset and start_rss is not None:
-        yield rec
-        rec.update(bytes=max(0, (_proc_status("VmHWM") or 0) - start_rss), kind="cpu_peak_rss_delta")
-        return
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    yield rec
-    rec.update(bytes=max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start), kind="cpu_maxrss_delta")
+@torch.no_grad()
+def layer_inputs(data: BlockData, layer: int, fp: bool = False) -> list[torch.Tensor]:
+    """Input of the unit's `layer`-th transformer layer per batch (quantized path, or FP path with fp=True)."""
+    mods = data.fp_blocks if fp else data.modules
+    out = []
+    for i in range(len(data)):
+        x = data.fp_inputs[i] if fp else data.inputs[i]
+        for m in mods[:layer]:
+            x = call_block(m, x, data.args[i], data.kwargs[i])
+        out.append(x)
+    return out

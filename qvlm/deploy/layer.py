@@ -1,0 +1,152 @@
+"""`DeployedLinear`: the packed layer a deployed model runs -- a `kernels.PackedLinear` plus what a QuantLinear may
+carry beyond it.
+
+    int4 codes two per byte (w4a16, w4a4) or int8 codes (w8a8) along K, fp32 scale (+ zero_point when asymmetric)
+    per output channel or group, multiplied by the Triton GEMMs of `kernels`;
+    an optional smoothing `input_scale` (a SmoothQuant / AWQ scale that could not be folded), divided out first;
+    an activation quantizer: "token" (dynamic per-token symmetric: the `kernels.act_quant` kernel), or "clip" (a
+    learned clipping ratio), "static" (a calibrated per-tensor step) or "tensor" (dynamic per-tensor), whose codes
+    are computed in torch by `qvlm.core.quant` before the same integer GEMM kernels.
+
+Backend: on CUDA the Triton kernels run; on CPU they run in Triton's interpreter only when TRITON_INTERPRET=1 was
+set before `kernels` was first imported (this module imports it), else the plain-torch `*_ref` functions compute
+the same integers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import (PackedLinear, act_quant, act_quant_ref, can_launch, pack_int4, w4a4_matmul, w4a4_ref, w4a16_matmul,
+                     w4a16_ref, w8a8_matmul, w8a8_ref)
+from kernels.pack import PackedWeight
+
+from ..core import quant
+from ..errors import QVLMError
+
+ACT_TENSORS = ("input_scale", "a_scale", "a_zero_point", "a_clip")    # optional QuantLinear tensors carried over
+ACT_QUANTIZERS = ("token", "clip", "static", "tensor")    # token = dynamic per-token symmetric: the act_quant kernel
+# Tiles for Triton's CPU interpreter, whose cost is per program and per op, not per element: 512 x 256 output tiles
+# run a testbed layer ~20x faster than the GPU-sized defaults (kernels/*.DEFAULT_BLOCK). Ragged edges are still
+# masked (M is rarely a multiple of 512). BLOCK_K stays each kernel's default, which it shrinks to divide the group
+# size. On CUDA the kernels autotune and this is not used.
+INTERPRETER_BLOCK = {"BLOCK_M": 512, "BLOCK_N": 256}
+
+
+
+class DeployedLinear(PackedLinear):
+    """PackedLinear + what a Q-VLM QuantLinear may carry beyond it (see the module docstring):
+    an optional smoothing `input_scale` and a non-default activation quantizer ("clip" | "static" |
+    "tensor"), whose codes are computed in torch by qvlm.quant before the same integer GEMM kernels.
+    Symmetric layers drop the all-zero `zero_point` buffer (`drop_zero_point`; the kernels never read it)."""
+
+    def __init__(self, *args, act: str = "token", a_granularity: str = "token", **kwargs):
+        super().__init__(*args, **kwargs)
+        if act not in ACT_QUANTIZERS:
+            raise QVLMError(f"unknown activation quantizer {act!r}", f"use one of {', '.join(ACT_QUANTIZERS)}")
+        self.act, self.a_granularity = act, a_granularity
+        for name in ACT_TENSORS:
+            self.register_buffer(name, None)
+
+    def drop_zero_point(self) -> None:
+        """Free the (N, G) all-zero zero_point of a symmetric layer (saves 4 bytes per group in memory and on disk)."""
+        if self.symmetric:
+            self.zero_point = None
+
+    def packed_weight(self) -> PackedWeight:
+        zp = self.zero_point if self.zero_point is not None else torch.zeros_like(self.scale)
+        return PackedWeight(self.qweight, self.scale, zp, self.w_bits, self.group_size, self.symmetric,
+                            self.container_bits, self.in_features)
+
+    def act_codes(self, x2: torch.Tensor):
+        """(M, K) activations -> int8 codes (M, K) and fp32 scale (M, 1), exactly as QuantLinear.quant_input."""
+        if self.act == "static":                                 # calibrated per-tensor step (LSQ)
+            scale, zp = self.a_scale.abs().clamp_min(1e-8), self.a_zero_point
+        elif self.act == "clip":                                 # dynamic range shrunk by a learned ratio
+            per_token = self.a_granularity == "token"
+            lo = x2.amin(dim=-1, keepdim=True) if per_token else x2.min()
+            hi = x2.amax(dim=-1, keepdim=True) if per_token else x2.max()
+            clip = self.a_clip.clamp(0.05, 1.0)
+            scale, zp = quant.qparams_from_minmax(lo.float() * clip, hi.float() * clip, self.a_bits, True)
+        else:                                                    # "tensor": dynamic, one range per tensor
+            scale, zp = quant.act_qparams(x2, self.a_bits, True, "tensor")
+        scale = scale.to(x2.dtype)
+        zp = torch.zeros_like(scale) if zp is None else zp.to(x2.dtype)
+        q = quant.quantize(x2, scale, zp, self.a_bits, symmetric=True).to(torch.int8)      # (M, K)
+        return q, scale.float().reshape(-1, 1).expand(x2.shape[0], 1).contiguous()         # (M, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PackedLinear.forward's dispatch, plus input_scale, the torch activation quantizers and, in the
+        interpreter, big tiles (INTERPRETER_BLOCK): the same kernels, same integers."""
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)                 # smoothing (weight holds W * input_scale)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)                                    # (M, K)
+        launch = can_launch(x2)
+        block = INTERPRETER_BLOCK if launch and not x2.is_cuda else None        # None: autotune on CUDA
+        zp = None if self.symmetric else self.zero_point
+        if self.mode == "w4a16":
+            y = (w4a16_matmul(x2, self.qweight, self.scale, zp, self.symmetric, block=block) if launch
+                 else w4a16_ref(x2, self.qweight, self.scale, zp, self.symmetric))
+        else:
+            pack = self.mode == "w4a4"                                          # int4 codes two per byte
+            if self.act != "token":                                             # clip / static / tensor
+                q, a_scale = self.act_codes(x2)
+                a = pack_int4(q, signed=True) if pack else q
+            elif launch:
+                a, a_scale = act_quant(x2, self.a_bits, pack=pack,
+                                       BLOCK_M=INTERPRETER_BLOCK["BLOCK_M"] if block else None)
+            else:
+                a, a_scale = act_quant_ref(x2, self.a_bits, pack=pack)
+            if pack:
+                y = (w4a4_matmul if launch else w4a4_ref)(a, a_scale, self.qweight, self.scale, zp,
+                                                          self.symmetric, out_dtype=x.dtype,
+                                                          **({"block": block} if launch else {}))
+            else:
+                y = (w8a8_matmul if launch else w8a8_ref)(a, a_scale, self.qweight, self.scale, zp,
+                                                          out_dtype=x.dtype, **({"block": block} if launch else {}))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def spec(self) -> dict:
+        """Constructor settings + which optional tensors exist (stored per layer in qvlm_packed.json)."""
+        return dict(in_features=self.in_features, out_features=self.out_features, w_bits=self.w_bits,
+                    a_bits=self.a_bits, group_size=self.group_size, symmetric=self.symmetric,
+                    bias=self.bias is not None, act=self.act, a_granularity=self.a_granularity, mode=self.mode,
+                    tensors=[n for n in ACT_TENSORS if getattr(self, n) is not None])
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {n}" for n in ACT_TENSORS if getattr(self, n) is not None)
+        return super().extra_repr() + f", act={self.act}{extra}"
+
+
+def is_packed(m: nn.Module) -> bool:
+    """True for a kernel-backed packed layer (kernels.PackedLinear or its DeployedLinear subclass)."""
+    return type(m).__name__ in ("PackedLinear", "DeployedLinear") and hasattr(m, "qweight")
+
+
+def packed_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, packed layer) pairs in module order."""
+    return [(n, m) for n, m in model.named_modules() if is_packed(m)]
+
+
+def scheme(model: nn.Module) -> dict:
+    """Summary of the packed layers: a name like 'w4a4' / 'w4a16-g32', the kernels used and their counts."""
+    specs = [layer_spec(m) for _, m in packed_linears(model)]
+    tags = sorted({f"w{s['w_bits']}a{s['a_bits']}" + (f"-g{s['group_size']}" if s["group_size"] else "")
+                   + ("" if s["symmetric"] else "-asym") for s in specs})
+    count = lambda key: {v: sum(s[key] == v for s in specs) for v in sorted({s[key] for s in specs})}  # noqa: E731
+    return dict(name="+".join(tags) or "none", kernels=count("mode"), activations=count("act"), layers=len(specs),
+                weights="int4 two per byte (w4a16, w4a4) / int8 (w8a8) codes along K; fp32 scale (+ zero_point "
+                        "when asymmetric) per output channel or group",
+                activation_quantization="dynamic per-token symmetric (kernels.act_quant) unless `act` says otherwise")
+
+
+def layer_spec(m: nn.Module) -> dict:
+    """Constructor settings of a packed layer (DeployedLinear.spec, or a plain PackedLinear's)."""
+    if hasattr(m, "spec"):
+        return m.spec()
+    return dict(in_features=m.in_features, out_features=m.out_features, w_bits=m.w_bits, a_bits=m.a_bits,
+                group_size=m.group_size, symmetric=m.symmetric, bias=m.bias is not None, act="token",
+                a_granularity="token", mode=m.mode, tensors=[])

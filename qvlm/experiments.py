@@ -1,0 +1,157 @@
+"""The one experiment runner: FP model -> (transform) -> quantize with a method -> measure the cost -> evaluate
+[-> deploy with the packed kernels and evaluate again]. The CLI, `bench/accuracy.py` and every notebook use it.
+
+    rows = run(model, processor, "qvlm", "W4A4", seeds=[0, 1, 2], calib=CalibConfig(n_calib=64),
+               eval=EvalConfig(n_eval=500), knobs=dict(iters=200))
+    rows = grid(model, processor, ["rtn", "brecq", "qvlm"], ["W4A4", "W6A6"], seeds=[0, 1, 2], ...)
+
+Each call quantizes a fresh deep copy of the FP model, so the FP model is never modified. One row per
+(method, setting, seed), a flat dict:
+
+    model, method, setting, transform, seed, knobs        what ran (knobs: the method's full config)
+    accuracy, acc_<category>..., n_eval                   on the evaluation split (never used for calibration)
+    wall_s, cpu_s, linear_fwd, linear_bwd, linear_passes, peak_memory_bytes, peak_memory_kind
+                                                          the search cost (qvlm.core.cost.measure)
+    info                                                  the method's own record (blocks, partition, VEO ...)
+    with deploy=True: packed_acc, agreement, layer_max_rel_err, scheme  (the packed model on the same samples)
+
+`summarize(rows)` (qvlm.report.stats) turns per-seed rows into mean +- std per (method, setting).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data as qdata
+from . import methods, transforms
+from .config import CalibConfig, EvalConfig, QuantConfig, parse_setting
+from .core.cost import measure
+from .core.qlinear import QuantLinear, quant_linears
+from .deploy.layer import scheme
+from .deploy.pack import deploy as pack_model
+from .deploy.verify import LOCAL_ROWS, layerwise_check
+from .errors import QVLMError
+from .evaluate import evaluate, predict
+from .models import llava
+from .utils import seed_everything
+
+
+def eval_samples(cfg: EvalConfig) -> list[dict]:
+    """The evaluation samples of `cfg` (the first n_eval of the split: a deterministic prefix)."""
+    return qdata.load_split(cfg.dataset, cfg.split, limit=cfg.n_eval)
+
+
+def setting_of(setting) -> QuantConfig:
+    """A QuantConfig, or a setting label ('W4A4', 'W4A16G32') parsed by qvlm.config.parse_setting."""
+    return setting if isinstance(setting, QuantConfig) else parse_setting(setting)
+
+
+def method_knobs(method: str, knobs: dict | None) -> dict:
+    """The subset of `knobs` that `method`'s config has (shared knobs such as `iters` are offered to every method
+    of a table; a method without that field ignores it). A knob no method of the run knows is rejected upstream."""
+    names = set(methods.get(method).knob_names())
+    return {k: v for k, v in (knobs or {}).items() if k in names}
+
+
+def check_knobs(method_names: list[str], knobs: dict | None) -> None:
+    """Every knob must belong to at least one of the methods run (QVLMError naming the misspelt one)."""
+    known = {k for n in method_names for k in methods.get(n).knob_names()}
+    bad = sorted(set(knobs or {}) - known)
+    if bad:
+        raise QVLMError(f"no method of {', '.join(method_names)} has an option {bad[0]!r}",
+                        f"their options are: {', '.join(sorted(known)) or '(none)'}")
+
+
+def _record_layers(qmodel: nn.Module) -> tuple[list, dict]:
+    """Forward hooks keeping LOCAL_ROWS rows of every QuantLinear's (input, output), first call only."""
+    local, hooks = {}, []
+    for name, m in quant_linears(qmodel):
+        def hook(mod, a, y, name=name):
+            if name not in local:
+                x2 = a[0].detach().reshape(-1, a[0].shape[-1])[:LOCAL_ROWS].clone()
+                local[name] = (x2, y.detach().reshape(-1, y.shape[-1])[:LOCAL_ROWS].clone())
+        hooks.append(m.register_forward_hook(hook))
+    return hooks, local
+
+
+def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *, calib: CalibConfig | None = None,
+            eval: EvalConfig | None = None, knobs: dict | None = None, transform: str = "none",
+            deploy: bool = False, model_name: str = "", samples: list[dict] | None = None,
+            progress: bool = False, keep_model: bool = False) -> dict:
+    """Quantize a copy of the FP `model` once (calibration seed `seed`) and evaluate it; returns one row (module
+    docstring). `samples` overrides the evaluation samples; `keep_model` adds the quantized model as row['model']."""
+    qcfg = setting_of(setting)
+    calib = dataclasses.replace(calib or CalibConfig(), seed=seed)
+    eval = eval or EvalConfig()
+    samples = samples if samples is not None else eval_samples(eval)
+    seed_everything(seed)
+    m = copy.deepcopy(model)
+    tr = transforms.apply(m, processor, transform, calib, dataset=eval.dataset)
+    with measure(llava.model_device(m), QuantLinear) as cost:
+        m, info = methods.quantize(m, processor, method, qcfg, calib, dataset=eval.dataset, progress=progress,
+                                   **method_knobs(method, knobs))
+    hooks, local = _record_layers(m) if deploy else ([], {})
+    preds = predict(m, processor, samples, eval.batch_size, progress=progress)
+    for h in hooks:
+        h.remove()
+    res = evaluate(m, processor, samples, predictions=preds)
+    row = dict(model=model_name, method=method, setting=qcfg.setting, transform=transform, seed=seed,
+               accuracy=res["accuracy"], n_eval=res["n"],
+               **{f"acc_{c}": a for c, a in res["per_category"].items()},
+               wall_s=cost.wall_seconds, cpu_s=cost.cpu_seconds, linear_fwd=cost.linear_fwd,
+               linear_bwd=cost.linear_bwd, linear_passes=cost.linear_passes,
+               peak_memory_bytes=cost.peak_memory_bytes, peak_memory_kind=cost.peak_memory_kind,
+               knobs=info["knobs"], info=dict(blocks=info["blocks"], transform=tr, calib=info["calib"], quant_config=info["quant_config"]))
+    if deploy:
+        pack_model(m)
+        packed = predict(m, processor, samples, eval.batch_size, progress=progress)
+        row["info"]["predictions"] = dict(fake=preds, packed=packed)
+        row.update(scheme=scheme(m)["name"],
+                   packed_acc=sum(p == s["answer"] for p, s in zip(packed, samples)) / len(samples),
+                   agreement=sum(a == b for a, b in zip(preds, packed)) / len(samples),
+                   layer_max_rel_err=layerwise_check(m, local)["max_rel_err"])
+    if keep_model:
+        row["model_object"] = m
+    return row
+
+
+def run(model: nn.Module, processor, method: str, setting, seeds=(0,), **kw) -> list[dict]:
+    """run_one for every calibration seed: one row per seed."""
+    return [run_one(model, processor, method, setting, s, **kw) for s in seeds]
+
+
+def grid(model: nn.Module, processor, method_names: list[str], settings: list, seeds=(0,), *,
+         knobs: dict | None = None, eval: EvalConfig | None = None, progress: bool = True, **kw) -> list[dict]:
+    """run() over every (setting, method): the FP model is evaluated once ('fp' rows are not repeated per seed:
+    nothing random enters it). A method that cannot run a setting leaves a row with `error` (shown, not hidden)."""
+    check_knobs(method_names, knobs)
+    eval = eval or EvalConfig()
+    samples = eval_samples(eval)
+    rows = []
+    todo = [(setting_of(s), n) for s in settings for n in method_names]
+    bar = tqdm(todo, desc="grid", disable=not progress)
+    for qcfg, name in bar:
+        bar.set_postfix_str(f"{qcfg.setting} {name}")
+        for seed in ([seeds[0]] if name == "fp" else seeds):
+            try:
+                rows.append(run_one(model, processor, name, qcfg, seed, knobs=knobs, eval=eval, samples=samples,
+                                    **kw))
+            except QVLMError as e:
+                rows.append(dict(method=name, setting=qcfg.setting, seed=seed, error=str(e)))
+                break
+    return rows
+
+
+@torch.no_grad()
+def fp_row(model: nn.Module, processor, eval: EvalConfig | None = None, model_name: str = "") -> dict:
+    """The FP reference row (same keys as a quantized row, zero cost)."""
+    eval = eval or EvalConfig()
+    res = evaluate(model, processor, eval_samples(eval), eval.batch_size, progress=False)
+    return dict(model=model_name, method="fp", setting="FP", transform="none", seed=0, accuracy=res["accuracy"],
+                n_eval=res["n"], **{f"acc_{c}": a for c, a in res["per_category"].items()}, wall_s=0.0, cpu_s=0.0,
+                linear_fwd=0, linear_bwd=0, linear_passes=0, peak_memory_bytes=0, peak_memory_kind="", knobs={},
+                info={})
