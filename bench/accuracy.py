@@ -5,7 +5,7 @@
 
 For each (method, config) the FP model is copied, quantized with `qvlm.methods.quantize` (calibration on the
 TRAIN split) and evaluated on the test split. Prints a table and writes results/bench/accuracy.{md,json}: accuracy,
-drop vs FP in points, search seconds (calibration + search wall time) and peak memory (qvlm.calib.peak_memory).
+drop vs FP in points, search seconds (calibration + search wall time) and peak memory (qvlm.core.calib.peak_memory).
 Every method in qvlm.methods.METHODS is included unless --methods says otherwise, so `qvlm` joins the table as
 soon as qvlm/methods/qvlm.py registers it. `fp` is evaluated once, as the reference.
 """

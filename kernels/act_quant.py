@@ -1,6 +1,6 @@
 """Dynamic per-token activation quantization (symmetric) -> int8 codes, or int4 codes packed two per byte.
 
-Q-VLM (NeurIPS 2024) quantizes activations per token with a uniform symmetric grid (`qvlm.quant.quantize_act`):
+Q-VLM (NeurIPS 2024) quantizes activations per token with a uniform symmetric grid (`qvlm.core.quant.quantize_act`):
     scale_m = max(absmax_k |x_mk| / qmax, 1e-8),   q_mk = clamp(round(x_mk / scale_m), -qmax - 1, qmax)
 with qmax = 2^(a_bits-1) - 1. This kernel computes exactly those codes and scales (bit-for-bit: fp32 math,
 IEEE division via `tl.math.div_rn`, round-half-to-even like `torch.round`), so the integer GEMMs downstream
@@ -10,7 +10,7 @@ IEEE division via `tl.math.div_rn`, round-half-to-even like `torch.round`), so t
     act_quant_ref(x, a_bits, pack)  the same in plain torch
 
 Each program owns BLOCK_M tokens and makes two passes over K: the first finds the absmax of each row, the second
-quantizes (and packs) it. NaN inputs are not checked here (that would cost a device sync); `qvlm.quant` asserts.
+quantizes (and packs) it. NaN inputs are not checked here (that would cost a device sync); `qvlm.core.quant` asserts.
 
 References: Triton tutorial 02-fused-softmax (row-wise reductions); SmoothQuant/QuaRot per-token quantizers.
 """
@@ -25,7 +25,7 @@ from qvlm.errors import QVLMError
 from ._common import INTERPRET, check_launch, pack_nibbles, round_half_even
 from .pack import pack_int4
 
-EPS = 1e-8          # the floor on the step size, same value as qvlm.quant._EPS (an all-zero token keeps scale > 0)
+EPS = 1e-8          # the floor on the step size, same value as qvlm.core.quant._EPS (an all-zero token keeps scale > 0)
 
 
 @triton.jit
@@ -90,7 +90,7 @@ def _check(x: torch.Tensor, a_bits: int, pack: bool) -> None:
 def act_quant(x: torch.Tensor, a_bits: int = 8, pack: bool = False,
               BLOCK_M: int | None = None, BLOCK_K: int | None = None):
     """Triton per-token symmetric quantization: (codes, scale). Codes are int8 (..., K), or with `pack`
-    int4 two per byte as uint8 (..., K/2); scale is fp32 (..., 1). Equal to qvlm.quant.quantize_act."""
+    int4 two per byte as uint8 (..., K/2); scale is fp32 (..., 1). Equal to qvlm.core.quant.quantize_act."""
     _check(x, a_bits, pack)
     check_launch(x)
     lead, K = x.shape[:-1], x.shape[-1]

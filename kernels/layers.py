@@ -1,6 +1,6 @@
 """`PackedLinear`: a deployable quantized nn.Linear that stores packed integer weights and calls the Triton kernels.
 
-A Q-VLM (NeurIPS 2024) quantized layer is simulated during the search with fake quantization (`qvlm.quant`); for
+A Q-VLM (NeurIPS 2024) quantized layer is simulated during the search with fake quantization (`qvlm.core.quant`); for
 deployment the same codes and scales are packed (`kernels.pack`) and multiplied with the integer / weight-only
 GEMMs. Three modes, picked from (w_bits, a_bits):
 
@@ -8,7 +8,7 @@ GEMMs. Three modes, picked from (w_bits, a_bits):
     "w4a4"   w_bits <= 4, a_bits <= 4    packed int4 weights, int4 per-token activations -> kernels.w4a4
     "w8a8"   w_bits <= 8, a_bits <= 8    int8 weights, int8 per-token activations       -> kernels.w8a8
 
-Activations are quantized dynamically per token and symmetrically (`kernels.act_quant`), as in `qvlm.quant.quantize_act`;
+Activations are quantized dynamically per token and symmetrically (`kernels.act_quant`), as in `qvlm.core.quant.quantize_act`;
 weights per channel (group_size 0) or per group, symmetric or asymmetric, with scale / zero_point either computed
 by round-to-nearest or supplied by a calibrated quantizer. The forward output equals
 F.linear(fake_quant_act(x), fake_quant_weight(W), bias) up to fp16 / bf16 rounding (see tests/kernels/test_layers.py).
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from qvlm.errors import QVLMError
-from qvlm.quant import check_bits
+from qvlm.core.quant import check_bits
 
 from ._common import can_launch
 from .act_quant import act_quant, act_quant_ref
@@ -73,7 +73,7 @@ class PackedLinear(nn.Module):
     def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int, group_size: int = 0, symmetric: bool = True,
                    scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None) -> "PackedLinear":
         """Quantize and pack an nn.Linear; `scale` / `zero_point` (out, n_groups) may come from a calibrated
-        quantizer, else round-to-nearest min/max qparams (qvlm.quant.weight_qparams) are used."""
+        quantizer, else round-to-nearest min/max qparams (qvlm.core.quant.weight_qparams) are used."""
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, w_bits, a_bits, group_size, symmetric,
                     bias=linear.bias is not None, dtype=w.dtype, device=w.device)

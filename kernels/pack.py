@@ -1,17 +1,17 @@
 """Int4 packing of quantized weights (two codes per byte along the input dimension) and its inverse.
 
-Q-VLM (NeurIPS 2024) quantizes weights with uniform per-channel or per-group grids (`qvlm.quant`); to deploy them,
+Q-VLM (NeurIPS 2024) quantizes weights with uniform per-channel or per-group grids (`qvlm.core.quant`); to deploy them,
 the integer codes are stored compactly: 4-bit codes two per uint8 byte, 8-bit codes as int8. This file does that
 (offline, plain torch) and provides a Triton kernel for the inverse (unpacking), with its torch reference.
 
     pack_int4(q, signed)             (R, K) int codes -> (R, K // 2) uint8   (byte j = code 2j | code 2j+1 << 4)
     unpack_int4(packed, signed)      Triton kernel: (R, K // 2) uint8 -> (R, K) int8
     unpack_int4_ref(packed, signed)  the same in plain torch
-    pack_weight(w, w_bits, ...)      float (N, K) weight -> PackedWeight (codes + scale + zero_point), via qvlm.quant
+    pack_weight(w, w_bits, ...)      float (N, K) weight -> PackedWeight (codes + scale + zero_point), via qvlm.core.quant
 
 Symmetric codes ([-8, 7]) are stored as 4-bit two's complement and sign-extended on unpacking (`signed=True`);
 asymmetric codes ([0, 15]) are stored as is (`signed=False`). Scales and zero points stay fp32, shaped
-(N, n_groups) exactly as `qvlm.quant.quantize_weight` returns them.
+(N, n_groups) exactly as `qvlm.core.quant.quantize_weight` returns them.
 
 References: gpt-fast `quantize.py::group_quantize_tensor` (+ `_convert_weight_to_int4pack`); llm-awq `qmodule`.
 """
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from qvlm.errors import QVLMError
-from qvlm.quant import check_bits, quantize_weight
+from qvlm.core.quant import check_bits, quantize_weight
 
 from ._common import check_2d, check_launch, unpack_nibbles
 
@@ -93,7 +93,7 @@ class PackedWeight:
     """Deployable weight: integer codes in a 4- or 8-bit container, plus fp32 scale / zero_point (N, n_groups).
 
     For `container_bits == 4`, `qweight` is uint8 (N, K/2) (see `pack_int4`); for 8, int8 (N, K). The dequantized
-    weight is (codes - zero_point) * scale per group, exactly `qvlm.quant.dequantize_weight`.
+    weight is (codes - zero_point) * scale per group, exactly `qvlm.core.quant.dequantize_weight`.
     """
     qweight: torch.Tensor        # (N, K/2) uint8 or (N, K) int8
     scale: torch.Tensor          # (N, n_groups) fp32
@@ -108,7 +108,7 @@ class PackedWeight:
 def pack_weight(w: torch.Tensor, w_bits: int, group_size: int = 0, symmetric: bool = True,
                 scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None,
                 container_bits: int | None = None) -> PackedWeight:
-    """Quantize a float (N, K) weight with qvlm.quant (or the given calibrated scale/zero_point) and pack it.
+    """Quantize a float (N, K) weight with qvlm.core.quant (or the given calibrated scale/zero_point) and pack it.
 
     `container_bits` defaults to 4 when w_bits <= 4, else 8. Asymmetric 8-bit codes ([0, 255]) do not fit int8, so
     they are stored shifted by -128 together with zero_point - 128: (q - 128) - (z - 128) = q - z, exactly.

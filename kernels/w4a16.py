@@ -3,7 +3,7 @@
     out (M, N) = x (M, K) @ W_hat.T,   W_hat[n, k] = (q[n, k] - zero_point[n, g(k)]) * scale[n, g(k)]
 
 This is the weight-only deployment of a Q-VLM (NeurIPS 2024) quantized linear layer: the int4 codes from
-`qvlm.quant.quantize_weight` stay packed in memory (`kernels.pack`, two per byte along K) and are expanded in
+`qvlm.core.quant.quantize_weight` stay packed in memory (`kernels.pack`, two per byte along K) and are expanded in
 registers, so the GEMM reads 4x fewer weight bytes than fp16. That is what makes decode (M = 1..16, memory-bound)
 faster; prefill (M in the hundreds) is compute-bound and pays for the dequantization instead.
 

@@ -1,7 +1,7 @@
 """W8A8 GEMM: int8 activation codes x int8 weight codes -> int32 accumulator -> fused per-token x per-channel rescale.
 
-With per-token activation codes a (scale s_a, from `kernels.act_quant` / `qvlm.quant.quantize_act`) and weight codes
-w (scale s_w, zero point z_w per output channel or per group of input channels, from `qvlm.quant.quantize_weight`):
+With per-token activation codes a (scale s_a, from `kernels.act_quant` / `qvlm.core.quant.quantize_act`) and weight codes
+w (scale s_w, zero point z_w per output channel or per group of input channels, from `qvlm.core.quant.quantize_weight`):
 
     out[m, n] = s_a[m] * sum_g s_w[n, g] * ( sum_{k in g} a[m, k] * w[n, k]  -  z_w[n, g] * sum_{k in g} a[m, k] )
                          \______________ int32, exact: one tl.dot(int8, int8 -> int32) per K step ______________/
