@@ -51,7 +51,8 @@ from ..config import QuantConfig
 from ..errors import QVLMError
 from ..models import llava
 from .hooks import Stop, calib_batches, call_block, capture_inputs, image_token_id, token_masks
-from .qlinear import QuantLinear, check_model, quant_linears, quantize_module
+from .qlinear import (ActQuantizer, QuantLinear, act_quantizers, check_model, quant_linears, quantize_module,
+                      share_act_quantizer)
 
 
 @dataclass
@@ -87,6 +88,16 @@ class BlockData:
             qls = quant_linears(b.module)
             rank = llava._forward_order(b.module, [m for _, m in qls])      # same order as llava.linear_layers
             out += [(f"{b.key}.{n}", m) for n, m in sorted(qls, key=lambda nm: rank[id(nm[1])])]
+        return out
+
+    def act_quantizers(self) -> list[ActQuantizer]:
+        """The distinct activation quantizers of the unit (a shared one once)."""
+        seen, out = set(), []
+        for b in self.blocks:
+            for a in act_quantizers(b.module):
+                if id(a) not in seen:
+                    seen.add(id(a))
+                    out.append(a)
         return out
 
     def fp_twin(self, key: str) -> nn.Module:
@@ -142,21 +153,54 @@ def _check_finite(tensors, what: str, key: str) -> None:
 
 
 @torch.no_grad()
-def observe_act_ranges(data: BlockData, qlinears: list[QuantLinear] | None = None) -> None:
-    """Calibrate the static per-tensor activation range (min/max over valid tokens) of the unit's QuantLinears
-    that still need one, from one pass over data.inputs (weights quantized, activations observed unquantized)."""
-    qls = [m for _, m in data.qlinears() if m.needs_act_calibration] if qlinears is None else qlinears
-    if not qls:
+def observe_act_ranges(data: BlockData, quantizers: list[ActQuantizer] | None = None) -> None:
+    """Calibrate the static per-tensor activation range (min/max over valid tokens) of the unit's activation
+    quantizers that still need one, from one pass over data.inputs (weights quantized, activations observed)."""
+    qs = [a for a in data.act_quantizers() if a.needs_calibration] if quantizers is None else quantizers
+    if not qs:
         return
-    for m in qls:
-        m.observing = True
+    for a in qs:
+        a.observing = True
     for i in range(len(data)):
-        for m in qls:
-            m.obs_mask = data.masks[i]
+        for a in qs:
+            a.obs_mask = data.masks[i]
         data.forward(i)
-    for m in qls:
-        m.obs_mask = None
-        m.finish_observing()
+    for a in qs:
+        a.obs_mask = None
+        a.finish_observing()
+
+
+@torch.no_grad()
+def share_unit_quantizers(data: BlockData) -> list[list[str]]:
+    """Trace batch 0 through the unit: QuantLinears that receive the same input tensor get ONE shared activation
+    quantizer (q|k|v, gate|up). Returns the groups of keys that share one."""
+    qls = data.qlinears()
+    seen: dict[str, torch.Tensor] = {}
+    def keep(key):
+        def hook(_mod, a):                        # returns None: a pre-hook's return value would replace the input
+            seen.setdefault(key, a[0])
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(key)) for key, m in qls]
+    try:
+        data.forward(0)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[tuple[str, QuantLinear]]] = []
+    for key, m in qls:
+        if key not in seen:
+            continue
+        for g in groups:
+            if seen[g[0][0]] is seen[key]:
+                g.append((key, m))
+                break
+        else:
+            groups.append([(key, m)])
+    for g in groups:
+        if len(g) > 1:
+            share_act_quantizer([m for _, m in g])
+    return [[k for k, _ in g] for g in groups if len(g) > 1]
 
 
 def _units(blocks: list, units) -> list[list]:
@@ -231,6 +275,7 @@ def calibrate(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfi
         _check_finite(data.targets, "in the FP output of", key)
         for b in g:
             quantize_module(b.module, qcfg)
+        share_unit_quantizers(data)                    # one activation quantizer per input tensor
         grad_flags = {id(p): p.requires_grad for b in g for p in b.module.parameters()}
         for b in g:
             b.module.requires_grad_(False)             # methods learn only the tensors they create

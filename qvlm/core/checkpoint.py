@@ -27,7 +27,7 @@ from ..config import QuantConfig
 from ..errors import QVLMError
 from ..models import llava
 from ..utils import atomic_dir
-from .qlinear import QuantLinear, quant_linears, set_module
+from .qlinear import QuantLinear, quant_linears, set_module, share_act_quantizer
 
 QUANT_META = "qvlm_quant.json"          # presence of this file marks a quantized-model directory
 QUANT_TENSORS = "quantized.safetensors"
@@ -86,7 +86,8 @@ def save_quantized(model: nn.Module, qcfg: QuantConfig, method_info: dict, out_d
     now = fingerprint(model) if before is not None else {}
     never = {_state_key(model, model.get_input_embeddings()), _state_key(model, model.get_output_embeddings())}
     for k, v in model.state_dict().items():
-        if k.rsplit(".", 1)[0] in lin_names:
+        owner = k.rsplit(".", 1)[0]
+        if owner in lin_names or owner.removesuffix(".act") in lin_names:
             continue
         if base is not None:
             if before is not None and (k in before and before[k] == now.get(k)):
@@ -97,7 +98,7 @@ def save_quantized(model: nn.Module, qcfg: QuantConfig, method_info: dict, out_d
     meta = dict(format_version=FORMAT_VERSION, base_model=base, self_contained=base is None,
                 quant_config=dataclasses.asdict(qcfg), method=method_info,
                 dtype=str(llava.model_dtype(model)).replace("torch.", ""),
-                linears={name: m.spec() for name, m in qls})
+                linears={name: m.spec() for name, m in qls}, shared_act=shared_groups(qls))
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / QUANT_TENSORS))
         if base is None:
@@ -105,6 +106,14 @@ def save_quantized(model: nn.Module, qcfg: QuantConfig, method_info: dict, out_d
             processor.save_pretrained(tmp / "base")
         (tmp / QUANT_META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
     return Path(out_dir)
+
+
+def shared_groups(qls: list[tuple[str, QuantLinear]]) -> list[list[str]]:
+    """Names of the QuantLinears that share one activation quantizer (groups of two or more)."""
+    by: dict[int, list[str]] = {}
+    for name, m in qls:
+        by.setdefault(id(m.act), []).append(name)
+    return [g for g in by.values() if len(g) > 1]
 
 
 def _state_key(model: nn.Module, module: nn.Module | None) -> str:
@@ -153,11 +162,13 @@ def load_quantized(path, device: str = "cpu", dtype: str = "float32"):
         ql.import_tensors({k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)
                            and "." not in k[len(prefix):]})
         set_module(model, name, ql)
+    for group in meta.get("shared_act", []):                      # one activation quantizer per input tensor
+        share_act_quantizer([model.get_submodule(n) for n in group])
     sd_dtype = llava.model_dtype(model)
     missing, unexpected = model.load_state_dict({k: v.to(sd_dtype) if v.is_floating_point() else v
                                                  for k, v in tensors.items()}, strict=False)
     ql_names = set(meta["linears"])
-    missing = [k for k in missing if k.rsplit(".", 1)[0] not in ql_names]
+    missing = [k for k in missing if k.rsplit(".", 1)[0].removesuffix(".act") not in ql_names]
     if meta["self_contained"] and missing:
         raise QVLMError(f"{path} lacks tensor {missing[0]}", "the directory is incomplete; re-run `qvlm quantize`")
     if unexpected:

@@ -41,7 +41,6 @@ from . import quant
 # AdaRound's rectified sigmoid stretch (Nagel et al. 2020, Eq. 23):
 #     h(a) = clamp(sigmoid(a) * (ZETA - GAMMA) + GAMMA, 0, 1)
 ZETA, GAMMA = 1.1, -0.1
-_OPTIONAL = ("input_scale", "a_scale", "a_zero_point", "a_clip", "round_logits")   # tensors a layer may carry
 
 
 def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
@@ -52,6 +51,121 @@ def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
 def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
     """alpha such that h(alpha) = h (for h in [0, 1)), used to start learned rounding at round-to-nearest."""
     return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1)
+
+
+CLIP_RANGE = (0.05, 1.0)          # a learned clipping ratio is used clamped to this range (straight-through: a
+                                  # ratio pushed past a bound still gets gradient and can come back)
+ACT_TENSORS = ("a_scale", "a_zero_point", "a_clip")   # what an ActQuantizer may carry
+_OPTIONAL = ("input_scale", "round_logits")           # optional tensors of the layer itself
+
+
+def clip_ratio(a_clip: torch.Tensor) -> torch.Tensor:
+    """The clipping ratio a layer uses: a_clip clamped to CLIP_RANGE, with a straight-through gradient."""
+    return a_clip + (a_clip.clamp(*CLIP_RANGE) - a_clip).detach()
+
+
+class ActQuantizer(nn.Module):
+    """The activation quantizer of one input tensor. Linears that read the same tensor (q|k|v, gate|up) share ONE
+    ActQuantizer object (`share_act_quantizer`), so they quantize it identically: one set of codes, which is what a
+    fused integer GEMM runs.
+
+        dynamic  per token (one range per row) or per tensor (the batch range), optionally shrunk by a learned
+                 clipping ratio `a_clip` (a scalar, STE-trained; BRECQ / Q-VLM's activation search)
+        static   per tensor: a step `a_scale` (+ `a_zero_point`) calibrated on data (min/max, then LSQ-trainable)
+    """
+
+    def __init__(self, a_bits: int = 4, a_symmetric: bool = True, a_granularity: str = "token"):
+        super().__init__()
+        self.a_bits = quant.check_bits(a_bits, "a_bits")
+        if a_granularity not in ("token", "tensor"):
+            raise QVLMError(f"unknown a_granularity {a_granularity!r}", "use 'token' or 'tensor'")
+        self.a_symmetric, self.a_granularity = a_symmetric, a_granularity
+        for name in ACT_TENSORS:
+            self.register_buffer(name, None)
+        self.drop_prob = 0.0             # QDrop: probability of keeping an element unquantized (training only)
+        self.observing = False           # record input ranges (static calibration) instead of quantizing
+        self.obs_mask = None             # optional (B, T) bool mask of valid tokens while observing
+        self._obs_min = self._obs_max = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.a_bits < quant.FP_BITS
+
+    def set_tensor(self, name: str, value: torch.Tensor | None, learnable: bool = False) -> None:
+        """(Re)register a_scale / a_zero_point / a_clip as a buffer, or as a trainable Parameter with `learnable`."""
+        _set_tensor(self, name, value, learnable)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static per-tensor activations whose range has not been calibrated yet."""
+        return self.enabled and self.a_granularity == "tensor" and self.a_scale is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize x (..., C); straight-through rounding when gradients are enabled."""
+        if not self.enabled:
+            return x
+        if self.observing:
+            self._observe(x)
+            return x
+        ste = torch.is_grad_enabled()
+        if self.a_granularity == "tensor" and self.a_scale is not None:              # static, calibrated
+            xq = quant.fake_quant_act(x, self.a_bits, self.a_symmetric, "tensor",
+                                      self.a_scale.abs().clamp_min(1e-8), self.a_zero_point, ste=ste)
+        elif self.a_clip is not None:                                                 # dynamic, learned clip
+            lo = x.amin(dim=-1, keepdim=True) if self.a_granularity == "token" else x.min()
+            hi = x.amax(dim=-1, keepdim=True) if self.a_granularity == "token" else x.max()
+            clip = clip_ratio(self.a_clip)
+            scale, zero_point = quant.qparams_from_minmax(lo.detach().float() * clip, hi.detach().float() * clip,
+                                                          self.a_bits, self.a_symmetric)
+            xq = quant.fake_quant(x, scale.to(x.dtype), zero_point.to(x.dtype), self.a_bits, self.a_symmetric, ste)
+        else:                                            # dynamic per token (or per tensor if not calibrated yet)
+            xq = quant.fake_quant_act(x, self.a_bits, self.a_symmetric, self.a_granularity, ste=ste)
+        if self.drop_prob > 0 and torch.is_grad_enabled():   # QDrop (Wei et al. 2022): keep some elements FP
+            xq = torch.where(torch.rand_like(x) < self.drop_prob, x, xq)
+        return xq
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        if self.obs_mask is not None and tuple(self.obs_mask.shape) == tuple(x.shape[:-1]):
+            x = x[self.obs_mask.bool()]
+        x = x.float()
+        lo, hi = x.min(), x.max()
+        self._obs_min = lo if self._obs_min is None else torch.minimum(self._obs_min, lo)
+        self._obs_max = hi if self._obs_max is None else torch.maximum(self._obs_max, hi)
+
+    @torch.no_grad()
+    def finish_observing(self) -> None:
+        """Turn the observed min/max into the static per-tensor (a_scale, a_zero_point)."""
+        self.observing = False
+        if self._obs_min is None:
+            return
+        scale, zero_point = quant.qparams_from_minmax(self._obs_min, self._obs_max, self.a_bits, self.a_symmetric)
+        self.set_tensor("a_scale", scale)
+        self.set_tensor("a_zero_point", zero_point)
+        self._obs_min = self._obs_max = None
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Learned tensors become buffers (a_scale as |a_scale|, a_clip clamped to CLIP_RANGE)."""
+        if self.a_scale is not None:
+            self.set_tensor("a_scale", self.a_scale.detach().abs())
+        if self.a_clip is not None:
+            self.set_tensor("a_clip", self.a_clip.detach().clamp(*CLIP_RANGE))
+        self.drop_prob, self.observing = 0.0, False
+
+    def extra_repr(self) -> str:
+        return f"a_bits={self.a_bits}, {self.a_granularity}" + ("" if self.a_symmetric else ", asym")
+
+
+def _set_tensor(mod: nn.Module, name: str, value: torch.Tensor | None, learnable: bool) -> None:
+    if name in mod._parameters:
+        del mod._parameters[name]
+    if name in mod._buffers:
+        del mod._buffers[name]
+    if value is not None and learnable:
+        mod.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=True))
+    else:
+        mod.register_buffer(name, None if value is None else value.detach())
 
 
 class QuantLinear(nn.Linear):
@@ -66,14 +180,11 @@ class QuantLinear(nn.Linear):
         nn.Module.__init__(self)                         # not nn.Linear.__init__: no random init of the weight
         self.in_features, self.out_features = in_features, out_features
         self.w_bits = quant.check_bits(w_bits, "w_bits")
-        self.a_bits = quant.check_bits(a_bits, "a_bits")
         self.group_size = quant.check_group_size(group_size, in_features)
-        if a_granularity not in ("token", "tensor"):
-            raise QVLMError(f"unknown a_granularity {a_granularity!r}", "use 'token' or 'tensor'")
         if weight_format not in ("int", "nf4"):
             raise QVLMError(f"unknown weight_format {weight_format!r}", "use 'int' or 'nf4'")
-        self.w_symmetric, self.a_symmetric = w_symmetric, a_symmetric
-        self.a_granularity, self.weight_format = a_granularity, weight_format
+        self.w_symmetric, self.weight_format = w_symmetric, weight_format
+        self.act = ActQuantizer(a_bits, a_symmetric, a_granularity)     # shared by the linears of one unit
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
@@ -87,10 +198,14 @@ class QuantLinear(nn.Linear):
         self.quant_enabled = True        # False: behave exactly like the FP layer (used by AWQ's per-group search)
         self.weight_on_grid = False      # True after freeze(): `weight` already holds the dequantized grid values
         self.round_mode = "hard"         # learned rounding: "soft" (training) | "hard"
-        self.act_drop_prob = 0.0         # QDrop: probability of keeping an activation element unquantized (training)
-        self.observing = False           # record input ranges (static calibration) instead of quantizing
-        self.obs_mask = None             # optional (B, T) bool mask of valid tokens while observing
-        self._obs_min = self._obs_max = None
+
+    # the activation quantizer's settings and tensors, read through the layer (they live on the shared self.act)
+    a_bits = property(lambda self: self.act.a_bits)
+    a_symmetric = property(lambda self: self.act.a_symmetric)
+    a_granularity = property(lambda self: self.act.a_granularity)
+    a_scale = property(lambda self: self.act.a_scale)
+    a_zero_point = property(lambda self: self.act.a_zero_point)
+    a_clip = property(lambda self: self.act.a_clip)
 
     # ------------------------------------------------------------------------------------------- construction
     @classmethod
@@ -127,15 +242,9 @@ class QuantLinear(nn.Linear):
         return self.a_bits < quant.FP_BITS
 
     def set_tensor(self, name: str, value: torch.Tensor | None, learnable: bool = False) -> None:
-        """(Re)register an optional tensor as a buffer, or as a trainable Parameter with `learnable`."""
-        if name in self._parameters:
-            del self._parameters[name]
-        if name in self._buffers:
-            del self._buffers[name]
-        if value is not None and learnable:
-            self.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=True))
-        else:
-            self.register_buffer(name, None if value is None else value.detach())
+        """(Re)register an optional tensor as a buffer, or as a trainable Parameter with `learnable`; the
+        activation tensors (a_scale, a_zero_point, a_clip) go to the shared activation quantizer."""
+        _set_tensor(self.act if name in ACT_TENSORS else self, name, value, learnable)
 
     # ---------------------------------------------------------------------------------------------- weights
     @torch.no_grad()
@@ -188,54 +297,15 @@ class QuantLinear(nn.Linear):
 
     # ------------------------------------------------------------------------------------------ activations
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize the (already smoothed) input activation x (..., in_features)."""
-        if not (self.quant_enabled and self.quantizes_act):
+        """Fake-quantize the (already smoothed) input activation x (..., in_features) with the shared quantizer."""
+        if not self.quant_enabled:
             return x
-        if self.observing:
-            self._observe(x)
-            return x
-        ste = torch.is_grad_enabled()                    # straight-through rounding only when training
-        if self.a_granularity == "tensor" and self.a_scale is not None:              # static, calibrated
-            xq = quant.fake_quant_act(x, self.a_bits, self.a_symmetric, "tensor",
-                                      self.a_scale.abs().clamp_min(1e-8), self.a_zero_point, ste=ste)
-        elif self.a_clip is not None:                                                 # dynamic, learned clip
-            gran_min = x.amin(dim=-1, keepdim=True) if self.a_granularity == "token" else x.min()
-            gran_max = x.amax(dim=-1, keepdim=True) if self.a_granularity == "token" else x.max()
-            clip = self.a_clip.clamp(0.05, 1.0)
-            scale, zero_point = quant.qparams_from_minmax(gran_min.detach().float() * clip,
-                                                          gran_max.detach().float() * clip,
-                                                          self.a_bits, self.a_symmetric)
-            xq = quant.fake_quant(x, scale.to(x.dtype), zero_point.to(x.dtype), self.a_bits, self.a_symmetric, ste)
-        else:                                            # dynamic per token (or per tensor if not calibrated yet)
-            xq = quant.fake_quant_act(x, self.a_bits, self.a_symmetric, self.a_granularity, ste=ste)
-        if self.act_drop_prob > 0 and torch.is_grad_enabled():   # QDrop (Wei et al. 2022): keep some elements FP
-            xq = torch.where(torch.rand_like(x) < self.act_drop_prob, x, xq)
-        return xq
-
-    @torch.no_grad()
-    def _observe(self, x: torch.Tensor) -> None:
-        if self.obs_mask is not None and tuple(self.obs_mask.shape) == tuple(x.shape[:-1]):
-            x = x[self.obs_mask.bool()]
-        x = x.float()
-        lo, hi = x.min(), x.max()
-        self._obs_min = lo if self._obs_min is None else torch.minimum(self._obs_min, lo)
-        self._obs_max = hi if self._obs_max is None else torch.maximum(self._obs_max, hi)
-
-    @torch.no_grad()
-    def finish_observing(self) -> None:
-        """Turn the observed min/max into the static per-tensor (a_scale, a_zero_point)."""
-        self.observing = False
-        if self._obs_min is None:
-            return
-        scale, zero_point = quant.qparams_from_minmax(self._obs_min, self._obs_max, self.a_bits, self.a_symmetric)
-        self.set_tensor("a_scale", scale)
-        self.set_tensor("a_zero_point", zero_point)
-        self._obs_min = self._obs_max = None
+        return self.act(x)
 
     @property
     def needs_act_calibration(self) -> bool:
         """Static per-tensor activations whose range has not been calibrated yet."""
-        return self.quantizes_act and self.a_granularity == "tensor" and self.a_scale is None
+        return self.act.needs_calibration
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,12 +321,7 @@ class QuantLinear(nn.Linear):
             self.weight.data = self.quant_weight().detach()
         self.weight_on_grid = True
         self.set_tensor("round_logits", None)
-        for name in ("a_scale", "a_clip"):
-            t = getattr(self, name)
-            if t is not None:
-                self.set_tensor(name, t.detach().abs() if name == "a_scale" else t.detach().clamp(0.05, 1.0))
-        self.act_drop_prob = 0.0
-        self.observing = False
+        self.act.freeze()
 
     # -------------------------------------------------------------------------------------------- save/load
     @torch.no_grad()
@@ -271,10 +336,10 @@ class QuantLinear(nn.Linear):
             out["weight"] = self.weight.data
         if self.bias is not None:
             out["bias"] = self.bias.data
-        for name in _OPTIONAL:
+        for name in _OPTIONAL + ACT_TENSORS:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
-        return {k: v.detach().contiguous() for k, v in out.items()}
+        return {k: v.detach().clone().contiguous() for k, v in out.items()}   # clone: shared act tensors
 
     @torch.no_grad()
     def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -289,7 +354,7 @@ class QuantLinear(nn.Linear):
             self.weight.data = tensors["weight"].to(self.weight.device, dtype)
         if self.bias is not None:
             self.bias.data = tensors["bias"].to(self.bias.device, dtype)
-        for name in _OPTIONAL:
+        for name in _OPTIONAL + ACT_TENSORS:
             if name in tensors:
                 self.set_tensor(name, tensors[name].to(self.weight.device))
         self.weight_on_grid = True
@@ -332,6 +397,27 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
 def quant_linears(module: nn.Module) -> list[tuple[str, QuantLinear]]:
     """(name, QuantLinear) pairs inside `module`, in module order."""
     return [(n, m) for n, m in module.named_modules() if isinstance(m, QuantLinear)]
+
+
+def share_act_quantizer(qlinears: list[QuantLinear]) -> ActQuantizer:
+    """Make the linears that read one input tensor use ONE activation quantizer (the first one's); returns it."""
+    first = qlinears[0].act
+    for m in qlinears[1:]:
+        if (m.a_bits, m.a_symmetric, m.a_granularity) != (first.a_bits, first.a_symmetric, first.a_granularity):
+            raise QVLMError("linears reading one tensor have different activation settings",
+                            "quantize them with one QuantConfig")
+        m.act = first
+    return first
+
+
+def act_quantizers(module: nn.Module) -> list[ActQuantizer]:
+    """The distinct ActQuantizer objects inside `module` (shared ones once), in module order."""
+    seen, out = set(), []
+    for _, m in quant_linears(module):
+        if id(m.act) not in seen:
+            seen.add(id(m.act))
+            out.append(m.act)
+    return out
 
 
 def freeze_model(model: nn.Module) -> nn.Module:

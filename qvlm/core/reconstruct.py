@@ -88,52 +88,66 @@ def objective(forward: Callable, inputs: Sequence, targets: Sequence, masks: Seq
     return tot / max(n, 1)
 
 
+def unique_act_quantizers(qlinears) -> list:
+    """The distinct activation quantizers of `qlinears` (q|k|v share one), in order."""
+    seen, out = set(), []
+    for m in qlinears:
+        if m.quantizes_act and id(m.act) not in seen:
+            seen.add(id(m.act))
+            out.append(m.act)
+    return out
+
+
 def _observe(qlinears, forward, inputs, masks) -> None:
-    todo = [m for m in qlinears if m.needs_act_calibration]
+    todo = [a for a in unique_act_quantizers(qlinears) if a.needs_calibration]
     if not todo:
         return
-    for m in todo:
-        m.observing = True
+    for a in todo:
+        a.observing = True
     with torch.no_grad():
         for i, x in enumerate(inputs):
-            for m in todo:
-                m.obs_mask = masks[i] if masks is not None else None
+            for a in todo:
+                a.obs_mask = masks[i] if masks is not None else None
             forward(x, i)
-    for m in todo:
-        m.obs_mask = None
-        m.finish_observing()
+    for a in todo:
+        a.obs_mask = None
+        a.finish_observing()
 
 
-def _act_param_name(m: QuantLinear) -> str | None:
-    if not m.quantizes_act:
-        return None
-    return "a_scale" if (m.a_granularity == "tensor" and m.a_scale is not None) else "a_clip"
+def _act_param_name(a) -> str:
+    return "a_scale" if (a.a_granularity == "tensor" and a.a_scale is not None) else "a_clip"
 
 
 @contextlib.contextmanager
 def _learning(qlinears, cfg: ReconConfig):
-    """Turn on learnable tensors for the group; afterwards everything is back in hard / eval mode."""
+    """Turn on learnable tensors for the group; afterwards everything is back in hard / eval mode.
+    Yields {id(quantizer): (name, initial value)} of the learned activation tensors (one per shared quantizer)."""
     start = {}
     for m in qlinears:
         if cfg.learn_rounding and m.quantizes_weight and m.weight_format == "int":
             m.init_learned_rounding()
-        name = _act_param_name(m) if cfg.learn_act else None
-        if name is not None:
-            init = getattr(m, name)
-            init = torch.tensor(1.0, device=m.weight.device) if init is None else init.detach().float()
-            m.set_tensor(name, init, learnable=True)
-            start[id(m)] = (name, init.clone())
-        m.act_drop_prob = cfg.drop_prob
+    quantizers = unique_act_quantizers(qlinears)
+    for a in quantizers:
+        if cfg.learn_act:
+            name = _act_param_name(a)
+            init = getattr(a, name)
+            init = torch.tensor(1.0, device=qlinears[0].weight.device) if init is None else init.detach().float()
+            a.set_tensor(name, init, learnable=True)
+            start[id(a)] = (a, name, init.clone())
+        a.drop_prob = cfg.drop_prob
     try:
         yield start
     finally:
         for m in qlinears:
             m.round_mode = "hard"
-            m.act_drop_prob = 0.0
-            for name in ("round_logits", "a_scale", "a_clip"):
-                t = getattr(m, name)
+            if isinstance(m.round_logits, torch.nn.Parameter):
+                m.set_tensor("round_logits", m.round_logits.detach())
+        for a in quantizers:
+            a.drop_prob = 0.0
+            for name in ("a_scale", "a_clip"):
+                t = getattr(a, name)
                 if isinstance(t, torch.nn.Parameter):
-                    m.set_tensor(name, t.detach())
+                    a.set_tensor(name, t.detach())
 
 
 def reconstruct(qlinears: Sequence[QuantLinear], forward: Callable, inputs: Sequence[torch.Tensor],
@@ -149,10 +163,8 @@ def reconstruct(qlinears: Sequence[QuantLinear], forward: Callable, inputs: Sequ
     with _learning(qlinears, cfg) as start:
         rounding = [m.round_logits for m in qlinears if m.round_logits is not None]
         groups = [{"params": rounding, "lr": cfg.lr}] if rounding else []
-        for m in qlinears:
-            if id(m) in start:
-                name, init = start[id(m)]
-                groups.append({"params": [getattr(m, name)], "lr": cfg.lr_act * float(init.abs().clamp_min(1e-8))})
+        for a, name, init in start.values():
+            groups.append({"params": [getattr(a, name)], "lr": cfg.lr_act * float(init.abs().clamp_min(1e-8))})
         opt = torch.optim.Adam(groups) if groups else None
         n_warm = int(cfg.warmup * cfg.iters)
         bar = tqdm(range(cfg.iters if opt else 0), desc=desc, disable=not progress, leave=False)
@@ -179,10 +191,9 @@ def reconstruct(qlinears: Sequence[QuantLinear], forward: Callable, inputs: Sequ
             for m in qlinears:
                 if m.round_logits is not None:
                     m.init_learned_rounding()
-                if id(m) in start:
-                    name, init = start[id(m)]
-                    getattr(m, name).data.copy_(init)
                 m.round_mode = "hard"
+            for a, name, init in start.values():
+                getattr(a, name).data.copy_(init)
             loss = objective(forward, inputs, targets, masks)
     return dict(loss_rtn=loss_rtn, loss=loss, reverted=bool(reverted), iters=cfg.iters,
                 seconds=time.perf_counter() - t0)

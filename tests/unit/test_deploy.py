@@ -121,7 +121,7 @@ def test_layer_variants_keep_the_codes_they_use(variant):
     elif variant == "a_clip":
         ql.set_tensor("a_clip", torch.tensor(0.6))
     elif variant == "static_a_scale":
-        ql.a_granularity = "tensor"
+        ql.act.a_granularity = "tensor"
         ql.set_tensor("a_scale", torch.tensor(0.05))
         ql.set_tensor("a_zero_point", torch.tensor(0.0))
     elif variant == "input_scale":

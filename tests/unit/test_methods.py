@@ -97,7 +97,7 @@ def test_qdrop_option_runs_and_never_worse():
     ys = [lin(x).detach() for x in xs]
     torch.manual_seed(0)
     st = reconstruct([ql], lambda x, i: ql(x), xs, ys, cfg=ReconConfig(iters=60, drop_prob=0.5))
-    assert st["loss"] <= st["loss_rtn"] and ql.act_drop_prob == 0.0
+    assert st["loss"] <= st["loss_rtn"] and ql.act.drop_prob == 0.0
 
 
 @pytest.mark.parametrize("act_order", [False, True])

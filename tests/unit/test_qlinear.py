@@ -63,10 +63,10 @@ def test_static_act_range_is_observed_min_max(a_symmetric):
     lin, ql = _layer(w_bits=16, a_bits=8, a_symmetric=a_symmetric, a_granularity="tensor")
     xs = [_x(seed=s) for s in range(3)]
     assert ql.needs_act_calibration
-    ql.observing = True
+    ql.act.observing = True
     for x in xs:
         assert torch.equal(ql(x), lin(x))            # observing = unquantized
-    ql.finish_observing()
+    ql.act.finish_observing()
     lo = min(float(x.min()) for x in xs)
     hi = max(float(x.max()) for x in xs)
     scale, zero_point = quant.qparams_from_minmax(torch.tensor(lo), torch.tensor(hi), 8, a_symmetric)
@@ -82,10 +82,10 @@ def test_observe_respects_token_mask():
     x[:, -1] = 100.0                                  # "padding" tokens with a huge value
     mask = torch.ones(3, 7, dtype=torch.bool)
     mask[:, -1] = False
-    ql.observing, ql.obs_mask = True, mask
+    ql.act.observing, ql.act.obs_mask = True, mask
     ql(x)
-    ql.obs_mask = None
-    ql.finish_observing()
+    ql.act.obs_mask = None
+    ql.act.finish_observing()
     assert float(ql.a_scale) < 100.0 / 127
 
 
