@@ -1,34 +1,41 @@
 """Cross-layer dependency (paper Sec. 3.2): Eq. 4 conditional entropy, DED, and the entropy-DED correlation.
 
-(a) Eq. 4:  D(k, {k+1}) = - sum_ij p(x_q,ij^(k), x_q,ij^(k+1)) log p(x_q,ij^(k+1) | x_q,ij^(k)) = H(X_{k+1} | X_k)
-    estimated from a JOINT histogram of co-located quantization codes of consecutive units (plug-in or
-    Miller-Madow, nats). "Co-located" (R, a parameter; the paper indexes both layers by the same ij):
-      pairing="index" (default, the literal Eq. 4): element (token i, channel j) of layer k with element
-          (token i, channel j) of layer k+1. When the widths differ (d_k != d_{k+1}, e.g. up -> down), every
-          element of the WIDER input is paired with channel floor(j * d_narrow / d_wide) of the narrower one
-          (proportional channel pairing), so all elements of both inputs are used and equal widths reduce to j <-> j.
-      pairing="token": one pair per token: the token's mean code magnitude round(mean_j |q_ij - z_i|) in each
-          layer (a width-free per-token summary; integer in 0..2^b-1).
-    Tokens are co-located only within a part (same sequence positions); edges across parts are NaN (the partition
-    never merges them, see qvlm.partition).
-    Differences from the official `QuantAct.compute_DED` (docs §1.B3, §5.3): that is a per-channel token-profile
-    heuristic that collapses to ~log T on identical inputs; ours is a true conditional entropy: 0 when
-    X_{k+1} = f(X_k), H(X_{k+1}) when independent.
+Nodes: transformer LAYERS (granularity "layer", the paper's unit: "the 15th layer") or linear units (granularity
+"unit": linears reading one input). Edges join consecutive nodes of one part (vision | projector | LLM); an edge
+across parts is NaN (tokens are not co-located there, and the partition never merges it).
 
-(b) DED (Sec. 3.2, Fig. 2): for unit k, the output discretization error of its successor k+1 (squared error of
-    unit k+1's linear outputs, summed over channels, mean over valid tokens) after LAYER-WISE rounding search
-    (unit k on its own output, then unit k+1 on its own output with k frozen: sequential AdaRound) minus that after
-    a JOINT search of k and k+1 on unit k+1's output. Both are actual learned-rounding searches with the shared
-    `qvlm.methods.reconstruct.reconstruct` on calibration data, in a copy of the transformer layer(s) holding the
-    pair (every other linear FP, FP-path inputs, so the number isolates the pair). The joint search gets the same
-    total budget as the two layer-wise ones (2 x iters, `joint_budget="matched"`). rel_ded = DED / E||y_{k+1}||^2
-    makes layers of different output scale comparable (what we correlate with entropy).
+(a) Eq. 4:  D(k, {k+1}) = - sum_ij p(x_q,ij^(k), x_q,ij^(k+1)) log p(x_q,ij^(k+1) | x_q,ij^(k)) = H(X_{k+1} | X_k)
+    estimated from a JOINT histogram of co-located quantization codes (plug-in or Miller-Madow, nats). The paper
+    indexes both layers by the same ij; which elements are co-located is a choice (`pairing`):
+      "residual" (layer granularity, default): element (token i, channel j) of layer k's input with (token i,
+          channel j) of layer k+1's input, where a layer's input is the quantized input of its first linear unit
+          (the normalised residual stream x_k: q|k|v of a decoder or ViT layer). Consecutive layers read the SAME
+          residual stream, x_{k+1} = x_k + f(x_k), channel j for channel j, so this pairing measures how much of
+          layer k+1's quantized input is NOT already determined by layer k's: a meaningful dependency.
+      "index": the same element-wise pairing between any two nodes' inputs, with proportional channel pairing
+          when widths differ (floor(j * d_narrow / d_wide)). Between units of one layer (e.g. q|k|v -> o) the
+          channels are unrelated, so D is close to H(X_{k+1}): it mostly measures the successor's entropy.
+      "token": one pair per token, its mean code magnitude round(mean_j |q_ij - z_i|) in each node (width-free).
+    Ours is a true conditional entropy (0 when X_{k+1} = f(X_k), H(X_{k+1}) when independent); the official
+    `QuantAct.compute_DED` is a per-channel token-profile heuristic that collapses to ~log T on identical inputs.
+
+(b) DED (Sec. 3.2, Fig. 2): for node k, the output discretization error of its successor k+1 after a LAYER-WISE
+    rounding search (node k reconstructed on its own output, then node k+1 on its own output with k frozen) minus
+    that after a JOINT search of k and k+1 on node k+1's output. The output of a layer node is its residual
+    output (hidden states leaving the layer); of a unit node, its linears' outputs. Both arms are real learned-
+    rounding searches (qvlm.core.reconstruct) in copies of the layer(s) holding the pair (every other linear FP,
+    FP-path inputs, so the number isolates the pair's interaction). Budget (`joint_budget`):
+      "per_parameter" (default): every search runs `iters` steps, so every rounding parameter gets the same number
+          of updates in both arms; the joint arm then takes HALF the total steps of the layer-wise arm, so a positive
+          DED cannot come from a larger budget.
+      "total": the joint search runs 2 x iters, the layer-wise arm's total.
+    rel_ded = DED / E||y_{k+1}||^2 makes nodes of different output scale comparable.
 
 (c) fit_line / r_squared: the paper's R^2 of a fitted line entropy vs DED (0.9718 at LLaVA layer 15 on SQA),
-    here with its spread over seeds: across layers (`ded_vs_entropy`: x = H of unit k+1's input, y = rel DED(k)) or
-    at one layer over groups of calibration samples (`fixed_layer_points`, the paper's per-layer view).
+    with its spread over seeds: across layers (`ded_vs_entropy`) or at one layer over groups of calibration
+    samples (`fixed_layer_points`, the paper's per-layer view).
 
-References: Cover & Thomas ch. 2 (conditional entropy); docs/qvlm-method.md §1.A.3-4, §5.3.
+References: Cover & Thomas ch. 2 (conditional entropy).
 """
 from __future__ import annotations
 
@@ -44,18 +51,21 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..core.calib import group_forward
+from ..core.hooks import call_block
 from ..core.hooks import (InputTap, calib_batches, capture_inputs, check_train_split, image_token_id, model_inputs,
                           token_masks)
-from ..core.qlinear import quant_linears, quantize_module
+from ..core.qlinear import quant_linears, quantize_module, share_act_quantizer
 from ..core.quant import check_bits, quantize
 from ..core.reconstruct import ReconConfig, reconstruct
-from ..core.units import find_units
+from ..core.units import find_units, unit_name
 from ..errors import QVLMError
 from ..models import llava
 from ..utils import load_artifact, save_artifact
 from .entropy import act_codes, act_step, entropy, run_entropy
 
-PAIRINGS = ("index", "token")
+PAIRINGS = ("residual", "index", "token")
+GRANULARITIES = ("layer", "unit")
+JOINT_BUDGETS = ("per_parameter", "total")
 
 
 # ------------------------------------------------------------------------------------------- estimators
@@ -83,7 +93,7 @@ def joint_counts(ca: torch.Tensor, cb: torch.Tensor, k_a: int, k_b: int, pairing
     if pairing == "token":
         assert ca.dim() == cb.dim() == 1 and ca.shape == cb.shape, "token pairing takes (N,) summaries"
         a, b = ca, cb
-    elif pairing == "index":
+    elif pairing in ("index", "residual"):
         assert ca.shape[0] == cb.shape[0], f"layers see different token counts {ca.shape[0]} vs {cb.shape[0]}"
         d_a, d_b = ca.shape[1], cb.shape[1]
         if d_a >= d_b:
@@ -108,8 +118,8 @@ def token_summary(x: torch.Tensor, qcfg: QuantConfig, bits: int, module: nn.Modu
 class DependencyStats:
     """Joint code histograms of consecutive units + the config; D(k, {k+1}) per edge on demand."""
     config: dict
-    units: list                                   # [[linear key, ...], ...]
-    parts: list                                   # part of each unit
+    units: list                                   # nodes: [[layer key]] or [[linear key, ...]], forward order
+    parts: list                                   # part of each node
     joint: list = field(default_factory=list)     # per edge: (K, K) float64 counts, or None across parts
 
     def dependency(self, estimator: str = "plugin") -> list[float]:
@@ -120,48 +130,63 @@ class DependencyStats:
         return [mutual_information(j, estimator) if j is not None else math.nan for j in self.joint]
 
 
+def _nodes(model, processor, sample: dict, scope, granularity: str) -> tuple[list, list, list]:
+    """(node keys, node parts, first linear key of each node): layers ('llm.3') or linear units."""
+    units = find_units(model, processor, sample, scope)
+    if granularity == "unit":
+        return [list(u.keys) for u in units], [u.part for u in units], [u.keys[0] for u in units]
+    first = {}
+    for u in units:
+        first.setdefault(u.layer, u)
+    return [[k] for k in first], [u.part for u in first.values()], [u.keys[0] for u in first.values()]
+
+
 @torch.no_grad()
 def run_dependency(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfig | None = None,
-                   bits: int = 0, pairing: str = "index", batch_size: int = 16, scope=None,
-                   meta: dict | None = None) -> DependencyStats:
-    """Eq. 4 joint histograms for every consecutive pair of units over calibration `samples` (TRAIN split).
+                   bits: int = 0, pairing: str = "residual", batch_size: int = 16, scope=None,
+                   granularity: str = "layer", meta: dict | None = None) -> DependencyStats:
+    """Eq. 4 joint histograms for every consecutive pair of nodes over calibration `samples` (TRAIN split).
 
-    Streams: only the previous unit's codes are held, so memory is one layer's activations."""
+    Streams: only the previous node's codes are held, so memory is one layer's activations."""
     if pairing not in PAIRINGS:
         raise QVLMError(f"unknown pairing {pairing!r}", f"use one of {', '.join(PAIRINGS)}")
+    if granularity not in GRANULARITIES:
+        raise QVLMError(f"unknown granularity {granularity!r}", f"use one of {', '.join(GRANULARITIES)}")
+    if pairing == "residual" and granularity != "layer":
+        raise QVLMError("pairing 'residual' pairs consecutive LAYERS' inputs", "use granularity 'layer' or pairing 'index'")
     check_train_split(samples)
     qcfg = qcfg or QuantConfig()
     bits = check_bits(bits or qcfg.a_bits, "bits")
     scope = tuple(scope or qcfg.scope)
-    units = find_units(model, processor, samples[0], scope)
+    nodes, parts, firsts = _nodes(model, processor, samples[0], scope, granularity)
     infos = {i.key: i for i in llava.linear_layers(model, scope)}
-    first = {u.keys[0]: u for u in units}
+    index = {k: i for i, k in enumerate(firsts)}
     k_lv = 2 ** bits                                                   # levels of a code (or of a summary)
-    joint = [torch.zeros(k_lv, k_lv, dtype=torch.float64) if units[e].part == units[e + 1].part else None
-             for e in range(len(units) - 1)]
+    joint = [torch.zeros(k_lv, k_lv, dtype=torch.float64) if parts[e] == parts[e + 1] else None
+             for e in range(len(nodes) - 1)]
     img_id = image_token_id(model)
     state: dict = {}
 
     def on_input(key, x):
-        u = first[key]
-        valid = token_masks(state["batch"], x, img_id, u.part)[0].reshape(-1).cpu()
+        n = index[key]
+        valid = token_masks(state["batch"], x, img_id, parts[n])[0].reshape(-1).cpu()
         x2 = x.reshape(-1, x.shape[-1])
         if pairing == "token":
             c = token_summary(x2, qcfg, bits, infos[key].module).cpu()[valid]              # (N,) summaries
         else:
             c = act_codes(x2, qcfg, bits, infos[key].module).cpu()[valid]                  # (N, C) codes
         prev = state.get("prev")
-        if prev is not None and prev[0] == u.index - 1 and joint[prev[0]] is not None:
+        if prev is not None and prev[0] == n - 1 and joint[prev[0]] is not None:
             joint[prev[0]] += joint_counts(prev[1], c, k_lv, k_lv, pairing)
-        state["prev"] = (u.index, c)
+        state["prev"] = (n, c)
 
-    with InputTap({k: infos[k].module for k in first}, on_input):
+    with InputTap({k: infos[k].module for k in firsts}, on_input):
         for batch in calib_batches(samples, processor, batch_size):
             state["batch"], state["prev"] = batch, None
             model(**model_inputs(model, batch))
-    cfg = dict(bits=bits, pairing=pairing, a_symmetric=qcfg.a_symmetric, a_granularity=qcfg.a_granularity,
-               scope=list(scope), n_calib=len(samples), **(meta or {}))
-    return DependencyStats(cfg, [list(u.keys) for u in units], [u.part for u in units], joint)
+    cfg = dict(bits=bits, pairing=pairing, granularity=granularity, a_symmetric=qcfg.a_symmetric,
+               a_granularity=qcfg.a_granularity, scope=list(scope), n_calib=len(samples), **(meta or {}))
+    return DependencyStats(cfg, nodes, parts, joint)
 
 
 def save_dependency(stats: DependencyStats, path) -> Path:
@@ -171,7 +196,7 @@ def save_dependency(stats: DependencyStats, path) -> Path:
 
 def load_dependency(path) -> DependencyStats:
     """Inverse of save_dependency."""
-    return load_artifact("dependency", DependencyStats, path, "qvlm.dependency.save_dependency")
+    return load_artifact("dependency", DependencyStats, path, "qvlm.analysis.dependency.save_dependency")
 
 
 # ------------------------------------------------------------------------------------------- (c) R^2
@@ -215,8 +240,9 @@ class DEDStats:
         return {r["edge"]: r["rel_ded" if relative else "ded"] for r in self.rows}
 
 
-def _window(blocks: list, qcfg: QuantConfig, keep: set) -> tuple[list, dict]:
-    """Quantized deep copies of `blocks` with quantization ON only for the linear keys in `keep`."""
+def _window(blocks: list, qcfg: QuantConfig, keep: set, units: list) -> tuple[list, dict]:
+    """Quantized deep copies of `blocks` with quantization ON only for the linear keys in `keep`; the linears of
+    one unit share one activation quantizer, as in every method."""
     mods, qls = [], {}
     for b in blocks:
         m = copy.deepcopy(b.module)
@@ -226,99 +252,129 @@ def _window(blocks: list, qcfg: QuantConfig, keep: set) -> tuple[list, dict]:
             ql.quant_enabled = key in keep
             qls[key] = ql
         mods.append(m)
+    for u in units:
+        if len(u.keys) > 1 and all(k in qls for k in u.keys):
+            share_act_quantizer([qls[k] for k in u.keys])
     return mods, qls
 
 
-def _edge_ded(blocks: list, unit_a: list, unit_b: list, inputs: list, args: list, kwargs: list, masks: list,
-              qcfg: QuantConfig, cfg, seed: int, joint_budget: str = "matched") -> dict:
-    """DED of one edge (module doc (b)): two layer-wise searches vs one joint search, on unit_b's output."""
+def _layers_forward(mods: list, upto: int, args, kwargs):
+    """forward(x, i): run mods[0..upto] (consecutive transformer layers) and return the last one's hidden states."""
+    def forward(x, i):
+        for m in mods[: upto + 1]:
+            x = call_block(m, x, args[i], kwargs[i])
+        return x
+    return forward
+
+
+def _edge_ded(blocks: list, keys_a: list, keys_b: list, inputs: list, args: list, kwargs: list, masks: list,
+              qcfg: QuantConfig, cfg, seed: int, joint_budget: str, granularity: str, units: list) -> dict:
+    """DED of one edge (module doc (b)): layer-wise searches (a, then b with a frozen) vs one joint search, on b's
+    output. keys_*: the linear keys of each node; with granularity "layer" the window is [layer a, layer b]."""
     fp_mods = [b.module for b in blocks]
     by_key = {f"{b.key}.{n}": m for b in blocks for n, m in b.module.named_modules()}
+
+    def fwd(mods, keys, node):                  # node 0 = a, 1 = b
+        if granularity == "layer":
+            return _layers_forward(mods, node, args, kwargs)
+        return group_forward(mods, [keys[k] for k in (keys_a, keys_b)[node]], args, kwargs)
+
     with torch.no_grad():
-        fa = group_forward(fp_mods, [by_key[k] for k in unit_a], args, kwargs)
-        fb = group_forward(fp_mods, [by_key[k] for k in unit_b], args, kwargs)
-        t_a = [fa(x, i) for i, x in enumerate(inputs)]                       # FP outputs of unit a
-        t_b = [fb(x, i) for i, x in enumerate(inputs)]                       # FP outputs of unit b
-    # layer-wise: unit a on its own output, then unit b on its own output with a frozen (sequential AdaRound)
+        t_a = [fwd(fp_mods, by_key, 0)(x, i) for i, x in enumerate(inputs)]     # FP outputs of node a
+        t_b = [fwd(fp_mods, by_key, 1)(x, i) for i, x in enumerate(inputs)]     # FP outputs of node b
+    keep = set(keys_a) | set(keys_b)
+    # layer-wise: a on its own output, then b on its own output with a frozen (sequential search)
     torch.manual_seed(seed)
-    mods, qls = _window(blocks, qcfg, set(unit_a) | set(unit_b))
-    qa, qb = [qls[k] for k in unit_a], [qls[k] for k in unit_b]
-    reconstruct(qa, group_forward(mods, qa, args, kwargs), inputs, t_a, masks, cfg)
+    mods, qls = _window(blocks, qcfg, keep, units)
+    qa, qb = [qls[k] for k in keys_a], [qls[k] for k in keys_b]
+    reconstruct(qa, fwd(mods, qls, 0), inputs, t_a, masks, cfg)
     for m in qa:
         m.freeze()
-    lw = reconstruct(qb, group_forward(mods, qb, args, kwargs), inputs, t_b, masks, cfg)
-    # joint: both units at once on unit b's output
+    lw = reconstruct(qb, fwd(mods, qls, 1), inputs, t_b, masks, cfg)
+    # joint: both at once on b's output
     torch.manual_seed(seed)
-    mods, qls = _window(blocks, qcfg, set(unit_a) | set(unit_b))
-    qa, qb = [qls[k] for k in unit_a], [qls[k] for k in unit_b]
-    jcfg = dataclasses.replace(cfg, iters=2 * cfg.iters) if joint_budget == "matched" else cfg
-    jt = reconstruct(qa + qb, group_forward(mods, qb, args, kwargs), inputs, t_b, masks, jcfg)
+    mods, qls = _window(blocks, qcfg, keep, units)
+    qa, qb = [qls[k] for k in keys_a], [qls[k] for k in keys_b]
+    jcfg = dataclasses.replace(cfg, iters=2 * cfg.iters) if joint_budget == "total" else cfg
+    jt = reconstruct(qa + qb, fwd(mods, qls, 1), inputs, t_b, masks, jcfg)
     n = sum(int(m.sum()) for m in masks)
     energy = sum(float(t.float().pow(2).sum(-1)[m].sum()) for t, m in zip(t_b, masks)) / max(n, 1)
     ded = lw["loss"] - jt["loss"]
     return dict(e_layerwise=lw["loss"], e_joint=jt["loss"], e_rtn=lw["loss_rtn"], ded=ded,
-                rel_ded=ded / energy if energy > 0 else math.nan, energy=energy)
+                rel_ded=ded / energy if energy > 0 else math.nan, energy=energy,
+                steps_layerwise=2 * cfg.iters, steps_joint=jcfg.iters)
 
 
 def run_ded(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfig | None = None, cfg=None,
             edges: list[int] | None = None, batch_size: int = 16, seed: int = 0, scope=None,
-            joint_budget: str = "matched", meta: dict | None = None) -> DEDStats:
-    """DED for each edge k (unit k -> k+1 within a part; default all) on calibration `samples` (TRAIN split).
+            joint_budget: str = "per_parameter", granularity: str = "layer", meta: dict | None = None) -> DEDStats:
+    """DED for each edge k (node k -> k+1 within a part; default all) on calibration `samples` (TRAIN split).
 
     The pair is quantized in a copy of the transformer layer(s) holding it, every other linear FP, inputs on the
-    FP path, so the number isolates the pair's rounding interaction. `cfg` is a ReconConfig (iters, lr, ...).
-    joint_budget "matched" (default): the joint search gets 2 x iters, the layer-wise searches' total, so DED
-    compares searches of equal cost; "same": iters for each search (the joint one then under-converges)."""
-    if joint_budget not in ("matched", "same"):
-        raise QVLMError(f"unknown joint_budget {joint_budget!r}", "use 'matched' or 'same'")
+    FP path, so the number isolates the pair's rounding interaction. `cfg` is a ReconConfig (iters, lr, ...)."""
+    if joint_budget not in JOINT_BUDGETS:
+        raise QVLMError(f"unknown joint_budget {joint_budget!r}", f"use one of {', '.join(JOINT_BUDGETS)}")
+    if granularity not in GRANULARITIES:
+        raise QVLMError(f"unknown granularity {granularity!r}", f"use one of {', '.join(GRANULARITIES)}")
     check_train_split(samples)
     qcfg, cfg = qcfg or QuantConfig(), cfg or ReconConfig()
     scope = tuple(scope or qcfg.scope)
     units = find_units(model, processor, samples[0], scope)
+    nodes, parts, _ = _nodes(model, processor, samples[0], scope, granularity)
+    keys_of = ([[k for u in units if u.layer == n[0] for k in u.keys] for n in nodes] if granularity == "layer"
+               else nodes)
+    layer_of_node = [n[0] if granularity == "layer" else f"{units[i].part}.{units[i].block}" for i, n in enumerate(nodes)]
     layers = {b.key: b for b in llava.blocks(model, scope)}
     order = list(layers)
-    todo = [e for e in range(len(units) - 1) if units[e].part == units[e + 1].part] if edges is None else list(edges)
+    todo = [e for e in range(len(nodes) - 1) if parts[e] == parts[e + 1]] if edges is None else list(edges)
     batches = calib_batches(samples, processor, batch_size)
     img_id = image_token_id(model)
-    cache: dict[str, list] = {}
-    batches_of: dict[str, list] = {}
+    cache: dict[str, tuple] = {}
     out = DEDStats(dict(asdict(cfg), bits=qcfg.a_bits, w_bits=qcfg.w_bits, scope=list(scope), seed=seed,
-                        n_calib=len(samples), joint_budget=joint_budget, **(meta or {})), [list(u.keys) for u in units])
+                        n_calib=len(samples), joint_budget=joint_budget, granularity=granularity, **(meta or {})),
+                   nodes)
     for e in todo:
-        a, b = units[e], units[e + 1]
-        if a.part != b.part:
-            raise QVLMError(f"edge {e} crosses parts ({a.part} -> {b.part})", "measure DED within a part only")
-        first, last = f"{a.part}.{a.block}", f"{b.part}.{b.block}"
+        if parts[e] != parts[e + 1]:
+            raise QVLMError(f"edge {e} crosses parts ({parts[e]} -> {parts[e + 1]})", "measure DED within a part only")
+        first, last = layer_of_node[e], layer_of_node[e + 1]
         span = [layers[k] for k in order[order.index(first): order.index(last) + 1]]
         if first not in cache:
             with torch.no_grad():
                 caps = capture_inputs(model, batches, layers[first].module)
-            cache[first] = [c for c in caps if c is not None]
-            batches_of[first] = [bt for bt, c in zip(batches, caps) if c is not None]
-        caps = cache[first]
-        inputs = [c[0][0] for c in caps]
-        masks = [token_masks(bt, x, img_id, a.part)[0] for bt, x in zip(batches_of[first], inputs)]
-        row = _edge_ded(span, a.keys, b.keys, inputs, [c[0][1:] for c in caps], [c[1] for c in caps], masks,
-                        qcfg, cfg, seed, joint_budget)
-        out.rows.append(dict(edge=e, unit=a.name, successor=b.name, **row))
+            kept = [(c, bt) for c, bt in zip(caps, batches) if c is not None]
+            cache[first] = ([c for c, _ in kept], [token_masks(bt, c[0][0], img_id, parts[e])[0] for c, bt in kept])
+        caps, masks = cache[first]
+        row = _edge_ded(span, keys_of[e], keys_of[e + 1], [c[0][0] for c in caps], [c[0][1:] for c in caps],
+                        [c[1] for c in caps], masks, qcfg, cfg, seed, joint_budget, granularity, units)
+        name = (lambda n: n[0] if granularity == "layer" else unit_name(n))
+        out.rows.append(dict(edge=e, unit=name(nodes[e]), successor=name(nodes[e + 1]), **row))
     return out
 
 
-def ded_vs_entropy(ded: DEDStats, unit_entropy: list[float], relative: bool = True) -> dict:
-    """Fig. 2 across layers: fit DED(k) against the entropy of unit k+1's quantized input; returns fit_line()."""
+def ded_vs_entropy(ded: DEDStats, node_entropy: list[float], relative: bool = True) -> dict:
+    """Fig. 2 across layers: fit DED(k) against the entropy of node k+1's quantized input; returns fit_line()."""
     d = ded.ded(relative)
     edges = sorted(d)
-    return fit_line([unit_entropy[e + 1] for e in edges], [d[e] for e in edges])
+    return fit_line([node_entropy[e + 1] for e in edges], [d[e] for e in edges])
+
+
+def node_entropy(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfig | None = None, scope=None,
+                 granularity: str = "layer", split: str = "all") -> list[float]:
+    """H(x_q) per node, in the order of run_ded / run_dependency: layer entropy (pooled) or unit entropy."""
+    st = run_entropy(model, processor, samples, qcfg, scope=scope)
+    return st.layer_entropy(split) if granularity == "layer" else st.unit_entropy(split)
 
 
 def fixed_layer_points(model: nn.Module, processor, samples: list[dict], edge: int, qcfg: QuantConfig | None = None,
-                       cfg=None, group_size: int = 2, seed: int = 0, scope=None) -> list[dict]:
+                       cfg=None, group_size: int = 2, seed: int = 0, scope=None, granularity: str = "layer",
+                       joint_budget: str = "per_parameter") -> list[dict]:
     """Fig. 2 at ONE layer (the paper's R^2 = 0.9718 is at LLaVA layer 15): one point per group of `group_size`
-    calibration samples: (entropy of unit edge+1's quantized input on that group, its relative DED)."""
+    calibration samples: (entropy of node edge+1's quantized input on that group, its relative DED)."""
     pts = []
     for g in range(0, len(samples) - group_size + 1, group_size):
         grp = samples[g:g + group_size]
-        h = run_entropy(model, processor, grp, qcfg, scope=scope).unit_entropy()[edge + 1]
-        row = run_ded(model, processor, grp, qcfg, cfg, edges=[edge], seed=seed, scope=scope).rows[0]
+        h = node_entropy(model, processor, grp, qcfg, scope, granularity)[edge + 1]
+        row = run_ded(model, processor, grp, qcfg, cfg, edges=[edge], seed=seed, scope=scope,
+                      granularity=granularity, joint_budget=joint_budget).rows[0]
         pts.append(dict(group=g // group_size, entropy=h, ded=row["rel_ded"]))
     return pts

@@ -34,13 +34,14 @@ from torch import nn
 from ..config import QuantConfig
 from ..core.hooks import InputTap, calib_batches, check_train_split, image_token_id, model_inputs, token_masks
 from ..core.quant import FP_BITS, act_qparams, check_bits, qrange, quantize
-from ..core.units import find_units
+from ..core.units import find_units, layer_of
 from ..errors import QVLMError
 from ..models import llava
 from ..utils import load_artifact, save_artifact
 
 ESTIMATORS = ("plugin", "miller_madow")
 SPLITS = ("all", "image", "text")
+AGGREGATES = ("pooled", "mean")
 
 
 # ------------------------------------------------------------------------------------------- estimators
@@ -118,6 +119,33 @@ class EntropyStats:
         """H(x_q) per Unit (members share one input, so one value each)."""
         h = dict(zip(self.keys, self.entropy(split, estimator)))
         return [h[u[0]] for u in self.units]
+
+    def layers(self) -> list[str]:
+        """Transformer-layer keys ('vision.0', ..., 'projector.0', 'llm.0', ...) in forward order."""
+        return list(dict.fromkeys(layer_of(u[0]) for u in self.units))
+
+    def layer_entropy(self, split: str = "all", estimator: str = "plugin", aggregate: str = "pooled") -> list[float]:
+        """H(x_q) per transformer layer (forward order), from its units' quantized inputs (each distinct input
+        once): "pooled" = entropy of the summed code histogram of all its inputs (every coded element counts
+        once, so wide inputs such as down_proj's weigh more); "mean" = mean of its units' entropies."""
+        if aggregate not in AGGREGATES:
+            raise QVLMError(f"unknown aggregate {aggregate!r}", f"use one of {', '.join(AGGREGATES)}")
+        if split not in SPLITS:
+            raise QVLMError(f"unknown token split {split!r}", f"use one of {', '.join(SPLITS)}")
+        row = {k: i for i, k in enumerate(self.keys)}
+        out = []
+        for layer in self.layers():
+            firsts = [u[0] for u in self.units if layer_of(u[0]) == layer]
+            if aggregate == "pooled":
+                out.append(entropy(sum(self.counts[split][row[k]] for k in firsts), estimator))
+            else:
+                hs = [entropy(self.counts[split][row[k]], estimator) for k in firsts]
+                hs = [h for h in hs if not math.isnan(h)]
+                out.append(sum(hs) / len(hs) if hs else math.nan)
+        return out
+
+    def layer_parts(self) -> list[str]:
+        return [k.split(".")[0] for k in self.layers()]
 
     def table(self, estimator: str = "plugin") -> list[dict]:
         """One row per linear: key, part, H_all, H_image, H_text, n_codes (coded elements), log K (the maximum)."""

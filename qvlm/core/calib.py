@@ -67,6 +67,7 @@ class BlockData:
     kwargs: list                      # [dict] keyword args per batch
     masks: list                       # [(B, T) bool] valid tokens
     stats: dict = field(default_factory=dict)
+    iters: int | None = None          # optimisation steps granted to this unit by a fixed total budget (else None)
 
     @property
     def key(self) -> str:
@@ -230,7 +231,8 @@ UnitFn = Callable[[BlockData], dict]
 
 
 def calibrate(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfig, unit_fn: UnitFn | None, *,
-              batch_size: int = 16, units: list[list[str]] | None = None, progress: bool = True) -> dict[str, dict]:
+              batch_size: int = 16, units: list[list[str]] | None = None, progress: bool = True,
+              unit_iters: dict[str, int] | None = None) -> dict[str, dict]:
     """Quantize the scoped blocks of `model` in place, unit by unit (module docstring). Returns {unit key: stats}.
 
     unit_fn(data) runs the method on one unit and returns a stats dict (or None); None = RTN (only the driver's
@@ -269,7 +271,8 @@ def calibrate(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfi
         for m in fp_blocks:
             m.requires_grad_(False)
         data = BlockData(blocks=g, fp_blocks=fp_blocks, inputs=state["inputs"], fp_inputs=state["fp_inputs"],
-                         targets=[], args=state["args"], kwargs=state["kwargs"], masks=state["masks"])
+                         targets=[], args=state["args"], kwargs=state["kwargs"], masks=state["masks"],
+                         iters=(unit_iters or {}).get(key))
         with torch.no_grad():
             data.targets = [data.forward(i, fp=True) for i in range(len(data))]
         _check_finite(data.targets, "in the FP output of", key)

@@ -62,12 +62,29 @@ class ReconConfig:
     learn_rounding: bool = True
     learn_act: bool = False      # also learn activation step (static) / clipping ratio (dynamic)
     drop_prob: float = 0.0       # QDrop: probability of keeping an activation element FP while learning (paper: 0.5)
+    budget: int = 0              # total Adam steps over ALL groups of a run, split by group size; 0 = iters per group
 
     def __post_init__(self):
         if not isinstance(self.iters, int) or self.iters < 0:
             raise QVLMError(f"iters={self.iters!r} must be a non-negative integer", "pass --iters 0 or more")
+        if not isinstance(self.budget, int) or self.budget < 0:
+            raise QVLMError(f"budget={self.budget!r} must be a non-negative integer", "pass --budget 0 or more")
         if not 0.0 <= self.drop_prob < 1.0:
             raise QVLMError(f"drop_prob={self.drop_prob} is outside [0, 1)", "pass 0 <= drop_prob < 1")
+
+
+def allocate_steps(total: int, weights: Sequence[float]) -> list[int]:
+    """Split `total` optimisation steps over groups in proportion to `weights` (e.g. linears per block), as
+    integers that sum to `total` exactly (largest remainder; ties to the earlier group)."""
+    if total < 0 or not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise QVLMError(f"cannot split {total} steps over weights {list(weights)[:5]}...",
+                        "pass a non-negative budget and positive group sizes")
+    share = [total * w / sum(weights) for w in weights]
+    out = [int(x) for x in share]
+    order = sorted(range(len(share)), key=lambda i: (-(share[i] - out[i]), i))
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
 
 
 def _masked_sq_error(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:

@@ -1,25 +1,22 @@
-"""`qvlm`: Q-VLM (Wang et al., NeurIPS 2024) -- the paper's full method (Sec. 3), not the official code's shortcuts.
+"""Q-VLM (Wang et al., NeurIPS 2024): the paper's full method (Sec. 3), not the official code's shortcuts.
 
-Pipeline (each step a package module; search and apply separated, R10):
+Pipeline (each step its own module; search and apply separated):
 
-    1. VEO  (optional, qvlm.disentangle, Sec. 3.3 / Eq. 5): optimise the vision tower's chosen parameters on
-            L_AR + eta * sum_k gamma_k H~_k over the LLM layers' quantized inputs, on the FP model.
-    2. profile (qvlm.entropy / qvlm.dependency, Sec. 3.2, Eq. 4): entropy H(x_q) of every unit's quantized input
-            (or the conditional entropy D(k, {k+1})) on the calibration data (TRAIN split).
-    3. partition (qvlm.partition): merge consecutive units whose edge score reaches the p-threshold, capped at
-            max_depth units per block, never across vision | projector | LLM.
-    4. rounding (qvlm.rounding): for each block, in forward order, jointly learn AdaRound rounding offsets and
-            activation steps of all its linears on the block's output (quantized-path input, FP target), with
-            the shared `qvlm.methods.reconstruct.reconstruct`; blocks are sequential (each sees the quantized
-            outputs of earlier ones) inside the shared driver `qvlm.calib.calibrate`.
+    1. profile   (qvlm.analysis.entropy, Sec. 3.2): entropy H(x_q) of the quantized inputs of every transformer
+                 layer (vision layers, projector, decoder layers; `granularity="unit"`: of every linear unit) on the
+                 calibration data (TRAIN split); or Eq. 4's conditional entropy D between consecutive layers
+                 (`proxy="dependency"`, qvlm.analysis.dependency). The merge threshold is fixed on THIS profile.
+    2. VEO       (optional, qvlm.method.disentangle, Sec. 3.3 / Eq. 5): a new vision encoder that lowers the
+                 entropy of the LLM's quantized inputs; kept only if the FP accuracy on val stays within the guard.
+    3. profile again on the model with the new encoder, and partition (qvlm.method.partition): merge consecutive
+                 layers whose score reaches the threshold of step 1, capped at max_depth layers per block, never
+                 across vision | projector | LLM. Lower entropy after VEO -> fewer merges -> finer blocks, cheaper
+                 search: the paper's argument, and why the threshold is frozen before VEO.
+    4. rounding  (qvlm.method.rounding): block by block, in forward order, AdaRound rounding + activation
+                 quantizers of all the block's linears learned jointly on the block's residual output; `iters` per
+                 block, or a fixed total `budget` split over the blocks.
 
-Order (R): the issue lists "profile -> partition -> VEO -> rounding"; by default we run VEO FIRST
-(`veo_stage="before_partition"`) because the paper's point is that VEO lowers entropy so the partition can use
-smaller blocks -- the partition must see the post-VEO profile. `veo_stage="after_partition"` gives the other order.
-Note that with the scale-free quantile threshold the NUMBER of merged edges is fixed by p; VEO then only
-reorders which edges merge. With threshold="absolute" VEO can shrink the blocks, as in the paper.
-
-Artifact: `run_qvlm` returns a QVLMResult (config, VEO parameters, profile, partition, rounding decisions);
+Artifact: `run_qvlm` returns a QVLMResult (config, VEO parameters, profiles, partition, rounding decisions);
 `save_qvlm` / `load_qvlm` / `apply_qvlm(model, result)` rebuild the quantized model from an FP one without data.
 """
 from __future__ import annotations
@@ -31,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .. import data as qdata
 from ..analysis import dependency as qdep
 from ..analysis import entropy as qent
 from ..config import QuantConfig
@@ -43,76 +41,87 @@ from . import disentangle as veo
 from . import partition as qpart
 from . import rounding as qround
 
-VEO_STAGES = ("before_partition", "after_partition")
-
 
 @dataclass(frozen=True)
 class QVLMConfig(ReconConfig):
-    """Q-VLM knobs. Rounding-search fields (iters, lr, lr_act, reg_weight, beta_*, warmup, drop_prob) are
-    ReconConfig's, shared with AdaRound / BRECQ so the comparison changes only the partition and VEO."""
-    learn_act: bool = True               # Q-VLM searches activation steps jointly with the rounding (§3.2)
-    # -- partition (qvlm.partition) --
-    p: float = 0.5                       # merge edges whose score is >= the p-quantile of the profile (Fig. 3(b))
-    threshold: str = "quantile"          # "quantile" (scale-free; the official code also uses a relative, mean,
-                                         # threshold) | "absolute" (p in nats)
-    max_depth: int = 3                   # max units per block (Fig. 3(a)); 3 = the official forced refresh period
+    """Q-VLM knobs. Rounding-search fields (iters, budget, lr, lr_act, reg_weight, beta_*, warmup, drop_prob) are
+    ReconConfig's, shared with AdaRound / BRECQ, so a comparison changes only the partition and VEO."""
+    learn_act: bool = True               # Q-VLM searches activation quantizers jointly with the rounding (Sec. 3.2)
+    # -- partition (qvlm.method.partition) --
+    granularity: str = "layer"           # blocks of transformer "layer"s (the paper's unit) | linear "unit"s
+    p: float = 0.5                       # merge edges whose score is >= the p-quantile of the FP profile (Fig. 3(b))
+    threshold: str = "quantile"          # "quantile" (scale-free) | "absolute" (p in the proxy's units, nats)
+    max_depth: int = 3                   # max layers (units) per block (Fig. 3(a)); 3 = the official refresh period
     split: str = "weakest"               # cut over-long merged runs at their weakest edge | "greedy"
     proxy: str = "entropy"               # edge score: "entropy" H(x_q) of the successor | "dependency" Eq. 4 D
-    pairing: str = "index"               # Eq. 4 co-location when proxy="dependency" (qvlm.dependency)
+    pairing: str = "residual"            # Eq. 4 co-location when proxy="dependency" (qvlm.analysis.dependency)
+    aggregate: str = "pooled"            # a layer's entropy: "pooled" histogram of its inputs | "mean" of its units
     estimator: str = "plugin"            # entropy estimator: "plugin" | "miller_madow"
     profile_bits: int = 0                # bits of the code histograms; 0 = a_bits (8 when activations stay FP)
     n_profile: int = 0                   # calibration samples for the profile and VEO; 0 = all of them
-    # -- visual encoder optimization (qvlm.disentangle) --
-    veo: bool = True                     # run VEO (Table 1 "+VEO"); False = CDM-only ablation
-    veo_stage: str = "before_partition"  # see the module docstring
-    eta: float = 0.1                     # entropy weight (Fig. 3(b)); L_AR and the gamma-weighted mean entropy are nats
+    # -- visual encoder optimization (qvlm.method.disentangle) --
+    veo: bool = True                     # run VEO (Table 1 "+VEO"); False = the CDM-only ablation
+    eta: float = 1.0                     # VEO entropy weight (Fig. 3(b)); relative to L_AR's gradient by default
+    eta_mode: str = "relative"           # "relative": eta x ||grad L_AR|| / ||grad H|| | "absolute"
     veo_iters: int = 50                  # VEO Adam steps over the calibration batches
     veo_lr: float = 1e-3                 # VEO learning rate (LayerNorm affine)
     encoder_params: str = "layernorm"    # which vision-tower parameters VEO trains: layernorm | layernorm+last | all
     n_last: int = 1                      # with layernorm+last: number of last used vision layers trained fully
+    veo_tokens: str = "image"            # the LLM positions whose entropy VEO lowers: "image" | "all"
+    guard: float = 0.003                 # VEO is reverted if FP val accuracy falls by more (0.003 = 0.3 points)
+    n_guard: int = 200                   # val samples of the guard check
 
     def __post_init__(self):
-        qpart.PartitionConfig(p=self.p, threshold=self.threshold, max_depth=self.max_depth, split=self.split,
-                              proxy=self.proxy)
+        super().__post_init__()
+        self.partition_config()
         self.veo_config()
-        if self.veo_stage not in VEO_STAGES:
-            raise QVLMError(f"unknown veo_stage {self.veo_stage!r}", f"use one of {', '.join(VEO_STAGES)}")
+        if self.granularity not in qround.GRANULARITIES:
+            raise QVLMError(f"unknown granularity {self.granularity!r}",
+                            f"use one of {', '.join(qround.GRANULARITIES)}")
         if self.pairing not in qdep.PAIRINGS:
             raise QVLMError(f"unknown pairing {self.pairing!r}", f"use one of {', '.join(qdep.PAIRINGS)}")
         if self.estimator not in qent.ESTIMATORS:
             raise QVLMError(f"unknown estimator {self.estimator!r}", f"use one of {', '.join(qent.ESTIMATORS)}")
+        if self.aggregate not in qent.AGGREGATES:
+            raise QVLMError(f"unknown aggregate {self.aggregate!r}", f"use one of {', '.join(qent.AGGREGATES)}")
+        if self.n_guard < 1:
+            raise QVLMError(f"n_guard={self.n_guard} must be >= 1", "pass --n-guard 1 or more")
 
     def recon_config(self) -> ReconConfig:
         return ReconConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ReconConfig)})
 
-    def partition_config(self) -> qpart.PartitionConfig:
-        return qpart.PartitionConfig(p=self.p, threshold=self.threshold, max_depth=self.max_depth, split=self.split,
-                                     proxy=self.proxy)
+    def partition_config(self, p: float | None = None, threshold: str | None = None) -> qpart.PartitionConfig:
+        return qpart.PartitionConfig(p=self.p if p is None else p, threshold=threshold or self.threshold,
+                                     max_depth=self.max_depth, split=self.split, proxy=self.proxy)
 
     def veo_config(self, batch_size: int = 8) -> veo.VEOConfig:
-        return veo.VEOConfig(eta=self.eta, iters=self.veo_iters, lr=self.veo_lr, encoder_params=self.encoder_params,
-                             n_last=self.n_last, batch_size=batch_size)
+        return veo.VEOConfig(eta=self.eta, eta_mode=self.eta_mode, iters=self.veo_iters, lr=self.veo_lr,
+                             encoder_params=self.encoder_params, n_last=self.n_last, tokens=self.veo_tokens,
+                             guard=self.guard, batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------------------- search
 @dataclass
 class QVLMResult:
-    """Everything the search decided (R10 artifact): config, VEO parameters, profile, partition, rounding."""
+    """Everything the search decided: config, VEO parameters, the profiles, partition, rounding decisions."""
     config: dict
-    veo: dict | None                      # asdict(VEOResult) or None
-    profile: dict                         # {"units", "parts", "unit_entropy", "edge_scores"}
+    veo: dict | None                      # asdict(VEOResult), or None when VEO did not run
+    profile: dict                         # the profile the partition saw: units, parts, entropy, edge_scores, bits
     partition: dict                       # asdict(Partition)
     decisions: dict                       # asdict(rounding.Decisions)
     timings: dict = field(default_factory=dict)
+    profile_fp: dict | None = None        # the FP-encoder profile that fixed the threshold (when VEO ran)
 
     def stats(self) -> dict:
         """A JSON-able summary (what `quantize()` reports as info['blocks'])."""
         part = qpart.Partition(**self.partition)
-        units = [unit_name(u) for u in part.units]
+        names = [u[0] if self.config["granularity"] == "layer" else unit_name(u) for u in part.units]
         blocks = self.decisions["blocks"]
-        out = dict(partition=[[units[i] for i in b] for b in part.blocks], **qpart.summary(part.blocks),
+        out = dict(granularity=self.config["granularity"], partition=[[names[i] for i in b] for b in part.blocks],
+                   **qpart.summary(part.blocks), threshold=part.config.get("threshold_value"),
                    loss_rtn=sum(b["loss_rtn"] or 0.0 for b in blocks), loss=sum(b["loss"] or 0.0 for b in blocks),
-                   n_reverted=sum(bool(b["reverted"]) for b in blocks), **self.timings)
+                   n_reverted=sum(bool(b["reverted"]) for b in blocks),
+                   steps=sum(b["iters"] for b in blocks), **self.timings)
         if self.veo is not None:
             out["veo"] = veo.summary(veo.VEOResult(**self.veo))
         return out
@@ -124,56 +133,66 @@ def profile_bits(qcfg: QuantConfig, cfg: QVLMConfig) -> int:
 
 
 def run_profile(model, processor, samples, qcfg: QuantConfig, cfg: QVLMConfig, batch_size: int) -> dict:
-    """Step 2: units, their entropy, and the edge scores of the chosen proxy."""
+    """Step 1: the partition's units (transformer layers, or linear units), their entropy, and the edge scores of
+    the chosen proxy (score of edge k = dependency between unit k and k+1)."""
     bits = profile_bits(qcfg, cfg)
     stats = qent.run_entropy(model, processor, samples, qcfg, bits=bits, batch_size=batch_size)
-    parts = [stats.parts[stats.keys.index(u[0])] for u in stats.units]
-    h = stats.unit_entropy("all", cfg.estimator)
+    if cfg.granularity == "layer":
+        units, parts = [[k] for k in stats.layers()], stats.layer_parts()
+        h = stats.layer_entropy("all", cfg.estimator, cfg.aggregate)
+        h_image = stats.layer_entropy("image", cfg.estimator, cfg.aggregate)
+    else:
+        units, parts = stats.units, [stats.parts[stats.keys.index(u[0])] for u in stats.units]
+        h, h_image = stats.unit_entropy("all", cfg.estimator), stats.unit_entropy("image", cfg.estimator)
     if cfg.proxy == "entropy":
         scores = qpart.entropy_edge_scores(h)
     else:
         dep = qdep.run_dependency(model, processor, samples, qcfg, bits=bits, pairing=cfg.pairing,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, granularity=cfg.granularity)
         scores = dep.dependency(cfg.estimator)
-    return dict(units=stats.units, parts=parts, unit_entropy=h, edge_scores=scores, bits=bits)
-
-
-def _veo(model, processor, samples, qcfg, cfg, seed, batch_size) -> dict:
-    res = veo.run_disentangle(model, processor, samples, cfg.veo_config(batch_size), qcfg,
-                              bits=profile_bits(qcfg, cfg), seed=seed)
-    return asdict(res)
+    return dict(units=units, parts=parts, entropy=h, entropy_image=h_image, edge_scores=scores, bits=bits,
+                granularity=cfg.granularity)
 
 
 def run_qvlm(model, processor, samples: list[dict], qcfg: QuantConfig, cfg: QVLMConfig | None = None, *,
-             batch_size: int = 16, seed: int = 0, progress: bool = False, meta: dict | None = None) -> QVLMResult:
-    """Quantize `model` IN PLACE with Q-VLM; returns the search artifact (see the module docstring)."""
+             batch_size: int = 16, seed: int = 0, dataset: str = "tiny", progress: bool = False,
+             meta: dict | None = None) -> QVLMResult:
+    """Quantize `model` IN PLACE with Q-VLM; returns the search artifact (see the module docstring). VEO's guard
+    reads the first `n_guard` samples of the VAL split of `dataset`."""
     cfg = cfg or QVLMConfig()
     if qcfg.weight_format != "int":
         raise QVLMError("qvlm learns rounding and needs weight_format 'int'", "use --method rtn for NF4 weights")
     qent.check_train_split(samples)
     prof_samples = samples[: cfg.n_profile] if cfg.n_profile else samples
-    timings, veo_res = {}, None
+    timings, veo_res, prof_fp = {}, None, None
     torch.manual_seed(seed)
-    run_veo = cfg.veo and cfg.veo_iters > 0 and "llm" in qcfg.scope     # VEO lowers the LLM layers' entropy
-    t = time.perf_counter()
-    if run_veo and cfg.veo_stage == "before_partition":
-        veo_res = _veo(model, processor, prof_samples, qcfg, cfg, seed, batch_size)
-    timings["veo_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     prof = run_profile(model, processor, prof_samples, qcfg, cfg, batch_size)
-    part = qpart.run_partition(prof["units"], prof["parts"], prof["edge_scores"], cfg.partition_config())
+    thr = qpart.threshold_value(prof["edge_scores"], cfg.p, cfg.threshold)    # fixed on the FP-encoder profile
     timings["profile_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
-    if run_veo and cfg.veo_stage == "after_partition":
-        veo_res = _veo(model, processor, prof_samples, qcfg, cfg, seed, batch_size)
-    timings["veo_seconds"] += time.perf_counter() - t
+    if cfg.veo and cfg.veo_iters > 0 and "llm" in qcfg.scope:             # VEO lowers the LLM inputs' entropy
+        res = veo.run_disentangle(model, processor, prof_samples, cfg.veo_config(batch_size), qcfg,
+                                  bits=profile_bits(qcfg, cfg), seed=seed)
+        guard = veo.check_guard(model, processor, res, qdata.load_split(dataset, "val", limit=cfg.n_guard),
+                                batch_size)
+        if not guard["reverted"]:
+            veo.apply_disentangle(model, res)
+            prof_fp, prof = prof, run_profile(model, processor, prof_samples, qcfg, cfg, batch_size)
+        veo_res = asdict(res)
+    timings["veo_seconds"] = time.perf_counter() - t
+    part = qpart.run_partition(prof["units"], prof["parts"], prof["edge_scores"],
+                               cfg.partition_config(p=thr, threshold="absolute"),
+                               meta=dict(granularity=cfg.granularity, threshold_mode=cfg.threshold,
+                                         threshold_value=thr, p_requested=cfg.p))
     t = time.perf_counter()
     torch.manual_seed(seed)
     dec = qround.run_rounding(model, processor, samples, qcfg, part.block_keys(), cfg.recon_config(),
-                              units=prof["units"], batch_size=batch_size, progress=progress)
+                              granularity=cfg.granularity, units=prof["units"] if cfg.granularity == "unit" else None,
+                              batch_size=batch_size, progress=progress)
     timings["rounding_seconds"] = time.perf_counter() - t
     config = dict(asdict(cfg), quant=asdict(qcfg), n_calib=len(samples), seed=seed, **(meta or {}))
-    return QVLMResult(config, veo_res, prof, asdict(part), asdict(dec), timings)
+    return QVLMResult(config, veo_res, prof, asdict(part), asdict(dec), timings, prof_fp)
 
 
 # ------------------------------------------------------------------------------------------- artifacts / apply
@@ -189,11 +208,11 @@ def save_qvlm(res: QVLMResult, path) -> Path:
 
 def load_qvlm(path) -> QVLMResult:
     """Inverse of save_qvlm."""
-    return load_artifact("qvlm", QVLMResult, path, "qvlm.methods.qvlm.save_qvlm")
+    return load_artifact("qvlm", QVLMResult, path, "qvlm.method.pipeline.save_qvlm")
 
 
 def apply_qvlm(model, res: QVLMResult):
     """FP model -> the quantized model the search produced: VEO parameters, then the rounding decisions."""
-    if res.veo is not None:
+    if res.veo is not None and not res.veo["guard"].get("reverted", False):
         veo.apply_disentangle(model, veo.VEOResult(**res.veo))
     return qround.apply_decisions(model, qround.Decisions(**res.decisions))

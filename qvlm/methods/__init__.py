@@ -24,12 +24,14 @@ import dataclasses
 import time
 
 import torch
+from torch import nn
 
 from ..config import CalibConfig, QuantConfig
 from ..core.calib import calibrate
 from ..core.checkpoint import FINGERPRINT_ATTR, fingerprint
 from ..core.cost import peak_memory
 from ..core.qlinear import check_model, freeze_model, quantize_model
+from ..core.reconstruct import allocate_steps
 from ..data import calibration_set
 from ..errors import QVLMError
 from ..models import llava
@@ -62,6 +64,19 @@ def _check_weights(model, qcfg: QuantConfig) -> None:
                                 "restore the checkpoint; quantization needs finite weights")
 
 
+def budget_plan(model, qcfg: QuantConfig, cfg, units: list[list[str]] | None = None) -> dict[str, int] | None:
+    """Fixed-budget mode (a config with `budget` > 0): {driver unit key: its steps}, the total split over the units
+    in proportion to their number of linears, summing exactly to the budget. None = `iters` per group."""
+    total = getattr(cfg, "budget", 0)
+    if not total:
+        return None
+    blocks = llava.blocks(model, qcfg.scope)
+    groups = units or [[b.key] for b in blocks]
+    n_lin = {b.key: sum(isinstance(x, nn.Linear) for x in b.module.modules()) for b in blocks}
+    keys = [g[0] if len(g) == 1 else f"{g[0]}-{g[-1].split('.')[-1]}" for g in groups]
+    return dict(zip(keys, allocate_steps(total, [sum(n_lin[k] for k in g) for g in groups])))
+
+
 def quantize(model, processor, method: str = "rtn", qcfg: QuantConfig | None = None,
              calib_cfg: CalibConfig | None = None, *, dataset: str = "tiny", progress: bool = True, **knobs):
     """Quantize `model` IN PLACE with `method`; returns (model, info).
@@ -88,11 +103,12 @@ def quantize(model, processor, method: str = "rtn", qcfg: QuantConfig | None = N
         elif used_data:
             samples = calibration_set(dataset, calib_cfg.n_calib, calib_cfg.seed)
             if m.run is not None:
-                stats = m.run(model, processor, samples, qcfg, calib_cfg, cfg, progress)
+                stats = m.run(model, processor, samples, qcfg, calib_cfg, cfg, progress, dataset=dataset)
             else:
                 unit_fn = (lambda data: m.quantize_unit(data, qcfg, cfg)) if m.quantize_unit else None
+                units = m.units(model, qcfg, cfg) if m.units else None
                 stats = calibrate(model, processor, samples, qcfg, unit_fn, batch_size=calib_cfg.batch_size,
-                                  units=m.units(model, qcfg, cfg) if m.units else None, progress=progress)
+                                  units=units, progress=progress, unit_iters=budget_plan(model, qcfg, cfg, units))
         else:                                           # data-free: RTN weights, dynamic activations
             quantize_model(model, qcfg)
             freeze_model(model)

@@ -13,13 +13,13 @@ Reference: yhhhli/BRECQ `quant/layer_recon.py`, Qualcomm AIMET AdaRound.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..errors import QVLMError
 from .base import Method
-from ..core.reconstruct import ReconConfig, reconstruct
+from ..core.reconstruct import ReconConfig, allocate_steps, reconstruct
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,15 @@ def quantize_unit(data, qcfg, cfg: AdaRoundConfig) -> dict:
     """Layer-wise learned rounding for every linear of the unit, in forward order."""
     if qcfg.weight_format != "int":
         raise QVLMError("adaround supports weight_format 'int' only", "use --method rtn for NF4 weights")
-    stats = {}
-    for key, ql in data.qlinears():
+    stats, qls = {}, data.qlinears()
+    steps = allocate_steps(data.iters, [1] * len(qls)) if data.iters is not None else [cfg.iters] * len(qls)
+    for (key, ql), n in zip(qls, steps):
         x_q = data.module_inputs(ql)                                  # quantized path, earlier layers frozen
         fp_lin = data.fp_twin(key)
         with torch.no_grad():
             y_fp = [fp_lin(x) for x in data.module_inputs(fp_lin, fp=True)]
-        stats[key] = reconstruct([ql], lambda x, i, ql=ql: ql(x), x_q, y_fp, data.masks, cfg, desc=key)
+        stats[key] = reconstruct([ql], lambda x, i, ql=ql: ql(x), x_q, y_fp, data.masks, replace(cfg, iters=n),
+                                 desc=key)
         ql.freeze()
     return stats
 

@@ -23,7 +23,7 @@ class Method:
     needs_data: bool                              # calibration data needed even with dynamic activations
     summary: str
     units: Callable | None = None                 # optional (model, qcfg, cfg) -> [[block key, ...], ...]
-    # optional full override: run(model, processor, samples, qcfg, calib_cfg, cfg, progress) -> stats
+    # optional full override: run(model, processor, samples, qcfg, calib_cfg, cfg, progress, dataset=) -> stats
     run: Callable | None = None
 
     def knob_names(self) -> list[str]:

@@ -14,7 +14,7 @@ Reference: yhhhli/BRECQ `quant/block_recon.py::block_reconstruction`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import QVLMError
 from .base import Method
@@ -31,6 +31,7 @@ def quantize_unit(data, qcfg, cfg: BRECQConfig) -> dict:
     if qcfg.weight_format != "int":
         raise QVLMError("brecq supports weight_format 'int' only", "use --method rtn for NF4 weights")
     qls = [m for _, m in data.qlinears()]
+    cfg = replace(cfg, iters=data.iters) if data.iters is not None else cfg
     return reconstruct(qls, lambda x, i: data.forward(i, x), data.inputs, data.targets, data.masks, cfg, desc=data.key)
 
 

@@ -10,10 +10,11 @@ from ..method.pipeline import QVLMConfig, run_qvlm
 from .base import Method
 
 
-def run(model, processor, samples, qcfg, calib_cfg, cfg: QVLMConfig, progress: bool = True) -> dict:
+def run(model, processor, samples, qcfg, calib_cfg, cfg: QVLMConfig, progress: bool = True,
+        dataset: str = "tiny") -> dict:
     """`Method.run` hook for qvlm.methods.quantize: the whole pipeline; returns the JSON-able summary."""
     res = run_qvlm(model, processor, samples, qcfg, cfg, batch_size=calib_cfg.batch_size, seed=calib_cfg.seed,
-                   progress=progress)
+                   dataset=dataset, progress=progress)
     return res.stats()
 
 

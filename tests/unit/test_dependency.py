@@ -61,22 +61,30 @@ def model_and_samples():
     return model, processor, data.calibration_set("tiny", 4, seed=0)
 
 
-@pytest.mark.parametrize("pairing", ["index", "token"])
-def test_run_dependency_profile(model_and_samples, pairing, tmp_path):
+@pytest.mark.parametrize("granularity,pairing", [("layer", "residual"), ("unit", "index"), ("unit", "token")])
+def test_run_dependency_profile(model_and_samples, granularity, pairing, tmp_path):
     model, processor, samples = model_and_samples
-    stats = D.run_dependency(model, processor, samples, QuantConfig(a_bits=4), pairing=pairing)
+    stats = D.run_dependency(model, processor, samples, QuantConfig(a_bits=4), pairing=pairing,
+                             granularity=granularity)
     d = stats.dependency()
     assert len(d) == len(stats.units) - 1
+    if granularity == "layer":
+        assert [u[0] for u in stats.units] == [b.key for b in E.llava.blocks(model)]    # one node per layer
     cross = [k for k in range(len(d)) if stats.parts[k] != stats.parts[k + 1]]
     assert cross and all(math.isnan(d[k]) for k in cross)   # tokens do not co-locate across parts
-    h = E.run_entropy(model, processor, samples, QuantConfig(a_bits=4)).unit_entropy()
+    ent = E.run_entropy(model, processor, samples, QuantConfig(a_bits=4))
+    h_first = dict(zip([u[0] for u in ent.units], ent.unit_entropy()))
+    firsts = [next(u[0] for u in ent.units if u[0].startswith(n[0] + ".")) if granularity == "layer" else n[0]
+              for n in stats.units]
     for k, v in enumerate(d):
         if k not in cross:
             assert 0.0 <= v <= math.log(16) + TOL
-            if pairing == "index":                           # H(Y | X) <= H(Y), same codes as qvlm.analysis.entropy
-                assert v <= h[k + 1] + 1e-6
+            if pairing != "token":                           # H(Y | X) <= H(Y), same codes as qvlm.analysis.entropy
+                assert v <= h_first[firsts[k + 1]] + 1e-6
     back = D.load_dependency(D.save_dependency(stats, tmp_path / "d.pt"))
     assert back.config["pairing"] == pairing and back.dependency() == pytest.approx(d, nan_ok=True)
+    with pytest.raises(QVLMError):
+        D.run_dependency(model, processor, samples, pairing="residual", granularity="unit")
 
 
 def test_fit_line_and_r2():
@@ -95,25 +103,34 @@ def test_fit_line_and_r2():
 from qvlm.core.reconstruct import ReconConfig  # noqa: E402
 
 
-def test_ded_from_actual_searches(model_and_samples):
+@pytest.mark.parametrize("granularity", ["unit", "layer"])
+def test_ded_from_actual_searches(model_and_samples, granularity):
     model, processor, samples = model_and_samples
     qcfg = QuantConfig(w_bits=3, a_bits=8)
-    units = U.find_units(model, processor, samples[0], ("llm",))
-    edge = [k for k in range(len(units) - 1) if units[k].block != units[k + 1].block][0]   # down -> next q|k|v
-    stats = D.run_ded(model, processor, samples[:1], qcfg, ReconConfig(iters=4), edges=[edge], scope=("llm",))
-    assert [r["edge"] for r in stats.rows] == [edge]
-    for r in stats.rows:
-        assert r["e_layerwise"] <= r["e_rtn"] + 1e-9           # reconstruct never ends worse than its RTN start
-        assert r["ded"] == pytest.approx(r["e_layerwise"] - r["e_joint"])
-        assert r["rel_ded"] == pytest.approx(r["ded"] / r["energy"]) and r["energy"] > 0
+    if granularity == "unit":
+        units = U.find_units(model, processor, samples[0], ("llm",))
+        edge = [k for k in range(len(units) - 1) if units[k].block != units[k + 1].block][0]   # down -> next q|k|v
+    else:
+        edge = 0                                                      # llm.0 -> llm.1
+    for budget, joint_steps in (("per_parameter", 4), ("total", 8)):
+        stats = D.run_ded(model, processor, samples[:1], qcfg, ReconConfig(iters=4), edges=[edge], scope=("llm",),
+                          granularity=granularity, joint_budget=budget)
+        assert [r["edge"] for r in stats.rows] == [edge]
+        for r in stats.rows:
+            assert r["e_layerwise"] <= r["e_rtn"] + 1e-9           # reconstruct never ends worse than its RTN start
+            assert r["ded"] == pytest.approx(r["e_layerwise"] - r["e_joint"])
+            assert r["rel_ded"] == pytest.approx(r["ded"] / r["energy"]) and r["energy"] > 0
+            assert r["steps_layerwise"] == 8 and r["steps_joint"] == joint_steps
+    if granularity == "layer":
+        assert stats.rows[0]["unit"] == "llm.0" and stats.rows[0]["successor"] == "llm.1"
     with pytest.raises(QVLMError):
         D.run_ded(model, processor, samples[:2], qcfg, ReconConfig(iters=1), joint_budget="free")
 
 
 def test_ded_rejects_cross_part_edges(model_and_samples):
     model, processor, samples = model_and_samples
-    units = U.find_units(model, processor, samples[0])
-    cross = next(k for k in range(len(units) - 1) if units[k].part != units[k + 1].part)
+    keys = [b.key for b in E.llava.blocks(model)]
+    cross = next(k for k in range(len(keys) - 1) if keys[k].split(".")[0] != keys[k + 1].split(".")[0])
     with pytest.raises(QVLMError):
         D.run_ded(model, processor, samples[:1], QuantConfig(), ReconConfig(iters=1), edges=[cross])
 

@@ -18,7 +18,7 @@ from qvlm.models import tiny
 torch.set_num_threads(1)
 ARCH = dict(vision_layers=2, text_layers=2)                     # small random testbed: same classes, fewer layers
 QCFG = QuantConfig(w_bits=3, a_bits=8)
-KNOBS = dict(iters=10, veo_iters=2)
+KNOBS = dict(iters=10, veo_iters=2, p=0.0, n_guard=8)        # p = 0: merge every edge the depth cap allows
 
 
 def logits(model, processor, samples):
@@ -39,7 +39,11 @@ def test_config_validation():
     with pytest.raises(QVLMError):
         Q.QVLMConfig(p=2.0)
     with pytest.raises(QVLMError):
-        Q.QVLMConfig(veo_stage="never")
+        Q.QVLMConfig(granularity="blocks")
+    with pytest.raises(QVLMError):
+        Q.QVLMConfig(eta_mode="loud")
+    with pytest.raises(QVLMError):
+        Q.QVLMConfig(budget=-1)
     with pytest.raises(QVLMError):
         Q.QVLMConfig(encoder_params="lora")
     cfg = Q.QVLMConfig(iters=7, max_depth=2)
@@ -82,11 +86,48 @@ def pipeline(calib):
 def test_block_search_lowers_block_error_vs_rtn(pipeline):
     info = pipeline[0][3]
     stats = info["blocks"]
+    assert stats["granularity"] == "layer"
     assert stats["loss"] < stats["loss_rtn"]                     # summed over blocks: strictly better than RTN
     assert stats["n_blocks"] >= 2 and stats["max_depth"] <= Q.QVLMConfig().max_depth
-    # the entropy partition produced a block that straddles two transformer layers, and the driver coped
-    assert any(len({u.split(".")[1] for u in blk}) > 1 for blk in stats["partition"])
-    assert stats["veo"]["loss_after"] < stats["veo"]["loss_before"]
+    # blocks are runs of consecutive transformer layers of one part, covering every layer once; with p = 0 (the
+    # threshold is the FP profile's lowest edge) at least one block spans two layers
+    flat = [k for blk in stats["partition"] for k in blk]
+    assert flat == ["vision.0", "vision.1", "projector.0", "llm.0", "llm.1"]
+    assert all(len({k.split(".")[0] for k in blk}) == 1 for blk in stats["partition"])
+    assert any(len(blk) > 1 for blk in stats["partition"])
+    assert stats["steps"] == KNOBS["iters"] * stats["n_blocks"]
+    v = stats["veo"]
+    assert v["l_ar_after"] + v["grad_eta_effective"] * v["entropy_after"] < \
+        v["l_ar_before"] + v["grad_eta_effective"] * v["entropy_before"]
+    assert "reverted" in v and v["n"] == KNOBS["n_guard"]         # the guard ran on val
+
+
+def test_layer_blocks_share_one_activation_quantizer_per_input(pipeline):
+    model = pipeline[0][0]
+    attn = model.model.language_model.layers[0].self_attn
+    assert attn.q_proj.act is attn.k_proj.act is attn.v_proj.act and attn.o_proj.act is not attn.q_proj.act
+    mlp = model.model.language_model.layers[0].mlp
+    assert mlp.gate_proj.act is mlp.up_proj.act and mlp.down_proj.act is not mlp.up_proj.act
+
+
+def test_fixed_budget_spends_exactly_the_total(calib):
+    model, processor = tiny.build_random(0, **ARCH)
+    _, info = methods.quantize(model, processor, "qvlm", QCFG, CalibConfig(n_calib=4, batch_size=4, seed=0),
+                               progress=False, **{**KNOBS, "budget": 17, "veo": False})
+    assert info["blocks"]["steps"] == 17
+    model, processor = tiny.build_random(0, **ARCH)
+    _, info = methods.quantize(model, processor, "brecq", QCFG, CalibConfig(n_calib=4, batch_size=4, seed=0),
+                               progress=False, iters=10, budget=17)
+    assert sum(b["iters"] for b in info["blocks"].values()) == 17
+
+
+def test_unit_granularity_option(calib):
+    model, processor = tiny.build_random(0, **ARCH)
+    _, info = methods.quantize(model, processor, "qvlm", QCFG, CalibConfig(n_calib=4, batch_size=4, seed=0),
+                               progress=False, **{**KNOBS, "granularity": "unit", "veo": False, "p": 0.5})
+    st = info["blocks"]
+    assert st["granularity"] == "unit" and st["loss"] < st["loss_rtn"]
+    assert all("+" in u or u.count(".") >= 2 for blk in st["partition"] for u in blk)   # linear-unit names
 
 
 def test_output_error_against_fp(pipeline, calib):
