@@ -10,7 +10,7 @@ Each call quantizes a fresh deep copy of the FP model, so the FP model is never 
 
     model, method, setting, transform, seed, knobs        what ran (knobs: the method's full config)
     accuracy, acc_<category>..., n_eval                   on the evaluation split (never used for calibration)
-    wall_s, cpu_s, linear_fwd, linear_bwd, linear_passes, peak_memory_bytes, peak_memory_kind
+    wall_s, cpu_s, linear_fwd, linear_bwd, linear_passes, block_passes, peak_memory_bytes, peak_memory_kind
                                                           the search cost (qvlm.core.cost.measure)
     info                                                  the method's own record (blocks, partition, VEO ...)
     with deploy=True: packed_acc, agreement, layer_max_rel_err, scheme  (the packed model on the same samples)
@@ -51,8 +51,9 @@ def setting_of(setting) -> QuantConfig:
 
 
 def method_knobs(method: str, knobs: dict | None) -> dict:
-    """The subset of `knobs` that `method`'s config has (shared knobs such as `iters` are offered to every method
-    of a table; a method without that field ignores it). A knob no method of the run knows is rejected upstream."""
+    """The subset of `knobs` that `method`'s config has (shared knobs such as `iters` or `budget` are offered to
+    every method of a table; a method without that field ignores it). A knob no method of the run knows is
+    rejected upstream (check_knobs)."""
     names = set(methods.get(method).knob_names())
     return {k: v for k, v in (knobs or {}).items() if k in names}
 
@@ -91,7 +92,8 @@ def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *,
     seed_everything(seed)
     m = copy.deepcopy(model)
     tr = transforms.apply(m, processor, transform, calib, dataset=eval.dataset)
-    with measure(llava.model_device(m), QuantLinear) as cost:
+    block_types = tuple({type(b.module) for b in llava.blocks(m)})
+    with measure(llava.model_device(m), QuantLinear, block_types) as cost:
         m, info = methods.quantize(m, processor, method, qcfg, calib, dataset=eval.dataset, progress=progress,
                                    **method_knobs(method, knobs))
     hooks, local = _record_layers(m) if deploy else ([], {})
@@ -103,7 +105,7 @@ def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *,
                accuracy=res["accuracy"], n_eval=res["n"],
                **{f"acc_{c}": a for c, a in res["per_category"].items()},
                wall_s=cost.wall_seconds, cpu_s=cost.cpu_seconds, linear_fwd=cost.linear_fwd,
-               linear_bwd=cost.linear_bwd, linear_passes=cost.linear_passes,
+               linear_bwd=cost.linear_bwd, linear_passes=cost.linear_passes, block_passes=cost.block_passes,
                peak_memory_bytes=cost.peak_memory_bytes, peak_memory_kind=cost.peak_memory_kind,
                knobs=info["knobs"], info=dict(blocks=info["blocks"], transform=tr, calib=info["calib"], quant_config=info["quant_config"]))
     if deploy:
@@ -124,25 +126,36 @@ def run(model: nn.Module, processor, method: str, setting, seeds=(0,), **kw) -> 
     return [run_one(model, processor, method, setting, s, **kw) for s in seeds]
 
 
-def grid(model: nn.Module, processor, method_names: list[str], settings: list, seeds=(0,), *,
+def variant(method: str, label: str = "", **knobs) -> dict:
+    """One row label of a comparison: a method with its knobs (label defaults to the method's name)."""
+    methods.get(method).make_config(**knobs)                     # a misspelt knob fails here, before any run
+    return dict(label=label or method, method=method, knobs=knobs)
+
+
+def grid(model: nn.Module, processor, method_names: list, settings: list, seeds=(0,), *,
          knobs: dict | None = None, eval: EvalConfig | None = None, progress: bool = True, **kw) -> list[dict]:
-    """run() over every (setting, method): the FP model is evaluated once ('fp' rows are not repeated per seed:
-    nothing random enters it). A method that cannot run a setting leaves a row with `error` (shown, not hidden)."""
-    check_knobs(method_names, knobs)
+    """run() over every (setting, method): `method_names` holds method names (each gets the `knobs` its config has)
+    or `variant(...)` dicts (a label, a method and its own knobs on top of `knobs`). The FP model is evaluated once
+    per setting ('fp' is not repeated per seed: nothing random enters it). A variant that cannot run a setting
+    leaves a row with `error` (shown, not hidden). Rows carry `variant` = the label."""
+    variants = [v if isinstance(v, dict) else variant(v) for v in method_names]
+    check_knobs([v["method"] for v in variants], knobs)
     eval = eval or EvalConfig()
     samples = eval_samples(eval)
     rows = []
-    todo = [(setting_of(s), n) for s in settings for n in method_names]
+    todo = [(setting_of(s), v) for s in settings for v in variants]
     bar = tqdm(todo, desc="grid", disable=not progress)
-    for qcfg, name in bar:
-        bar.set_postfix_str(f"{qcfg.setting} {name}")
-        for seed in ([seeds[0]] if name == "fp" else seeds):
+    for qcfg, v in bar:
+        bar.set_postfix_str(f"{qcfg.setting} {v['label']}")
+        for seed in ([seeds[0]] if v["method"] == "fp" else seeds):
             try:
-                rows.append(run_one(model, processor, name, qcfg, seed, knobs=knobs, eval=eval, samples=samples,
-                                    **kw))
+                row = run_one(model, processor, v["method"], qcfg, seed, knobs={**(knobs or {}), **v["knobs"]},
+                              eval=eval, samples=samples, **kw)
             except QVLMError as e:
-                rows.append(dict(method=name, setting=qcfg.setting, seed=seed, error=str(e)))
+                rows.append(dict(variant=v["label"], method=v["method"], setting=qcfg.setting, seed=seed,
+                                 error=str(e)))
                 break
+            rows.append(dict(variant=v["label"], **row))
     return rows
 
 
@@ -153,5 +166,5 @@ def fp_row(model: nn.Module, processor, eval: EvalConfig | None = None, model_na
     res = evaluate(model, processor, eval_samples(eval), eval.batch_size, progress=False)
     return dict(model=model_name, method="fp", setting="FP", transform="none", seed=0, accuracy=res["accuracy"],
                 n_eval=res["n"], **{f"acc_{c}": a for c, a in res["per_category"].items()}, wall_s=0.0, cpu_s=0.0,
-                linear_fwd=0, linear_bwd=0, linear_passes=0, peak_memory_bytes=0, peak_memory_kind="", knobs={},
+                linear_fwd=0, linear_bwd=0, linear_passes=0, block_passes=0, peak_memory_bytes=0, peak_memory_kind="", knobs={},
                 info={})

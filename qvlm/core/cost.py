@@ -6,8 +6,9 @@
 
 seconds       wall clock (time.perf_counter) and CPU time of this process (time.process_time; on a busy machine
               the CPU time is the fairer of the two, and both are noisy: compare them side by side in one run).
-passes        forward evaluations of QuantLinear layers, and those of them whose output requires grad (each will
-              also be traversed by a backward pass). Counted, so independent of the machine's load.
+passes        forward evaluations of QuantLinear layers and of transformer layers (blocks), and those of them whose
+              output requires grad (each will also be traversed by a backward pass). Counted, so independent of
+              the machine's load.
 peak memory   see `peak_memory`: CUDA max allocated on a GPU, the peak-RSS increase on Linux CPUs.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ class Cost:
     cpu_seconds: float = 0.0
     linear_fwd: int = 0               # QuantLinear forwards
     linear_bwd: int = 0               # of which a backward will traverse the layer (output requires grad)
+    block_fwd: int = 0                # transformer-layer forwards (FP copies included: they are work too)
+    block_bwd: int = 0
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
 
@@ -34,16 +37,27 @@ class Cost:
         """Forward + backward QuantLinear evaluations (the machine-independent cost unit)."""
         return self.linear_fwd + self.linear_bwd
 
+    @property
+    def block_passes(self) -> int:
+        """Forward + backward transformer-layer evaluations."""
+        return self.block_fwd + self.block_bwd
+
 
 @contextlib.contextmanager
-def count_linear_passes(layer_type: type):
-    """Count forwards of modules of `layer_type` (and those whose output requires grad) inside the block."""
-    n = {"fwd": 0, "bwd": 0}
+def count_passes(layer_type: type, block_types: tuple = ()):
+    """Count forwards of `layer_type` modules and of `block_types` modules inside the `with` (and those of them
+    whose output requires grad, i.e. that a backward will traverse)."""
+    n = {"fwd": 0, "bwd": 0, "block_fwd": 0, "block_bwd": 0}
 
     def hook(mod, args, out):
+        y = out[0] if isinstance(out, (tuple, list)) and out else out
+        grad = int(isinstance(y, torch.Tensor) and y.requires_grad)
         if isinstance(mod, layer_type):
             n["fwd"] += 1
-            n["bwd"] += int(isinstance(out, torch.Tensor) and out.requires_grad)
+            n["bwd"] += grad
+        elif block_types and isinstance(mod, block_types):
+            n["block_fwd"] += 1
+            n["block_bwd"] += grad
 
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
@@ -53,14 +67,14 @@ def count_linear_passes(layer_type: type):
 
 
 @contextlib.contextmanager
-def measure(device, layer_type: type):
-    """Yield a Cost filled on exit (wall and CPU seconds, passes of `layer_type` layers, peak memory)."""
+def measure(device, layer_type: type, block_types: tuple = ()):
+    """Yield a Cost filled on exit (wall and CPU seconds, passes, peak memory)."""
     cost = Cost()
-    with peak_memory(device) as mem, count_linear_passes(layer_type) as n:
+    with peak_memory(device) as mem, count_passes(layer_type, block_types) as n:
         t_wall, t_cpu = time.perf_counter(), time.process_time()
         yield cost
         cost.wall_seconds, cost.cpu_seconds = time.perf_counter() - t_wall, time.process_time() - t_cpu
-    cost.linear_fwd, cost.linear_bwd = n["fwd"], n["bwd"]
+    cost.linear_fwd, cost.linear_bwd, cost.block_fwd, cost.block_bwd = n["fwd"], n["bwd"], n["block_fwd"], n["block_bwd"]
     cost.peak_memory_bytes, cost.peak_memory_kind = mem["bytes"], mem["kind"]
 
 

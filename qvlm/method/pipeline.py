@@ -42,6 +42,9 @@ from . import partition as qpart
 from . import rounding as qround
 
 
+PARTITIONS = {"entropy": None, "layerwise": "layerwise", "fixed": "fixed_size", "whole": "whole"}
+
+
 @dataclass(frozen=True)
 class QVLMConfig(ReconConfig):
     """Q-VLM knobs. Rounding-search fields (iters, budget, lr, lr_act, reg_weight, beta_*, warmup, drop_prob) are
@@ -49,6 +52,8 @@ class QVLMConfig(ReconConfig):
     learn_act: bool = True               # Q-VLM searches activation quantizers jointly with the rounding (Sec. 3.2)
     # -- partition (qvlm.method.partition) --
     granularity: str = "layer"           # blocks of transformer "layer"s (the paper's unit) | linear "unit"s
+    partition: str = "entropy"           # "entropy" (Q-VLM's rule) | baselines: "layerwise" (one layer or unit per
+                                         # block), "fixed" (max_depth per block), "whole" (one block per part)
     p: float = 0.5                       # merge edges whose score is >= the p-quantile of the FP profile (Fig. 3(b))
     threshold: str = "quantile"          # "quantile" (scale-free) | "absolute" (p in the proxy's units, nats)
     max_depth: int = 3                   # max layers (units) per block (Fig. 3(a)); 3 = the official refresh period
@@ -84,6 +89,8 @@ class QVLMConfig(ReconConfig):
             raise QVLMError(f"unknown estimator {self.estimator!r}", f"use one of {', '.join(qent.ESTIMATORS)}")
         if self.aggregate not in qent.AGGREGATES:
             raise QVLMError(f"unknown aggregate {self.aggregate!r}", f"use one of {', '.join(qent.AGGREGATES)}")
+        if self.partition not in PARTITIONS:
+            raise QVLMError(f"unknown partition {self.partition!r}", f"use one of {', '.join(PARTITIONS)}")
         if self.n_guard < 1:
             raise QVLMError(f"n_guard={self.n_guard} must be >= 1", "pass --n-guard 1 or more")
 
@@ -181,10 +188,13 @@ def run_qvlm(model, processor, samples: list[dict], qcfg: QuantConfig, cfg: QVLM
             prof_fp, prof = prof, run_profile(model, processor, prof_samples, qcfg, cfg, batch_size)
         veo_res = asdict(res)
     timings["veo_seconds"] = time.perf_counter() - t
-    part = qpart.run_partition(prof["units"], prof["parts"], prof["edge_scores"],
-                               cfg.partition_config(p=thr, threshold="absolute"),
-                               meta=dict(granularity=cfg.granularity, threshold_mode=cfg.threshold,
-                                         threshold_value=thr, p_requested=cfg.p))
+    if cfg.partition == "entropy":
+        part = qpart.run_partition(prof["units"], prof["parts"], prof["edge_scores"],
+                                   cfg.partition_config(p=thr, threshold="absolute"),
+                                   meta=dict(granularity=cfg.granularity, threshold_mode=cfg.threshold,
+                                             threshold_value=thr, p_requested=cfg.p))
+    else:                                                                 # a baseline partition, same search
+        part = qpart.run_baseline(prof["units"], PARTITIONS[cfg.partition], cfg.max_depth)
     t = time.perf_counter()
     torch.manual_seed(seed)
     dec = qround.run_rounding(model, processor, samples, qcfg, part.block_keys(), cfg.recon_config(),

@@ -14,8 +14,8 @@ import math
 
 import pandas as pd
 
-METRICS = ("accuracy", "wall_s", "cpu_s", "linear_passes", "peak_memory_bytes")
-KEYS = ("method", "setting", "transform")
+METRICS = ("accuracy", "wall_s", "cpu_s", "linear_passes", "block_passes", "peak_memory_bytes")
+KEYS = ("variant", "method", "setting", "transform")
 
 
 def summarize(rows: list[dict], metrics=METRICS, keys=KEYS) -> pd.DataFrame:

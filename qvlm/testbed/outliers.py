@@ -95,6 +95,29 @@ def inject(model: nn.Module, batch: dict, scale: float, frac: float = FRAC) -> l
 
 
 @torch.no_grad()
+def remove(model: nn.Module, batch: dict, record: dict) -> list[dict]:
+    """The exact inverse of `inject` from its record (testbed.json "outliers"): the recorded channels' norm gains
+    (and biases) divided by the scale, the columns of the linears that read them multiplied back (traced on
+    `batch`, as inject does). Returns one row per norm undone."""
+    scale, by_name = float(record["scale"]), {r["norm"]: r for r in record["norms"]}
+    rows = []
+    for name, norm, lins in norm_linear_pairs(model, batch):
+        if name not in by_name:
+            continue
+        ch = torch.tensor(by_name[name]["channels"])
+        norm.weight[ch] /= scale
+        if getattr(norm, "bias", None) is not None:
+            norm.bias[ch] /= scale
+        for lin in lins:
+            lin.weight[:, ch] *= scale
+        rows.append(dict(norm=name, channels=by_name[name]["channels"], n_linears=len(lins)))
+    if len(rows) != len(by_name):
+        raise QVLMError(f"only {len(rows)} of {len(by_name)} recorded norms were found",
+                        "remove the outliers from the checkpoint they were injected into")
+    return rows
+
+
+@torch.no_grad()
 def input_absmax(model: nn.Module, batch: dict, layer: nn.Module) -> torch.Tensor:
     """(in_features,) max |x| over all tokens of `batch` of the input of `layer`: where outlier channels show."""
     seen = {}
