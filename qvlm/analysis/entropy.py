@@ -9,18 +9,18 @@ probability is taken over the quantization LEVELS (the integer codes x_q), not o
     level_counts(c, bits)        histogram over the K levels
     entropy(counts)              plug-in (maximum-likelihood) or Miller-Madow estimate, in nats
     run_entropy(model, ...)      forward hooks on calibration data (TRAIN split) -> EntropyStats
-    save_entropy / load_entropy  R10 artifact (the config is stored inside the file)
+    save_entropy / load_entropy  artifact (the config is stored inside the file)
 
 Per-token scales are handled explicitly: every token is quantized with ITS OWN step size (dynamic per-token
 activation quantization, `qvlm.quant.act_qparams(..., "token")`), and the codes of all tokens are pooled into
 one histogram. Image and text tokens are counted separately: for LLM layers a position is an image token iff
 `input_ids == config.image_token_id`; vision-tower and projector layers see only image tokens; padding is ignored.
 
-Differences from the official code (`QVLM:.../quant_modules.py::QuantAct.cal_entropy`, see docs §1.B3, §5.3):
+Differences from the official code (`QuantAct.cal_entropy`, docs/method.md):
 that function L2-normalises |x_hat| over tokens and is not a probability; it grows with sequence length
 (≈15 → 51 for T = 100 → 600). Ours is bounded by log K and independent of T.
 
-References: Shannon entropy of a histogram; Miller (1955) bias correction; docs/qvlm-method.md §1.A.4.
+References: Shannon entropy of a histogram; Miller (1955) bias correction; docs/method.md.
 """
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def run_entropy(model: nn.Module, processor, samples: list[dict], qcfg: QuantCon
     return EntropyStats(cfg, keys, [infos[k].part for k in keys], [list(u.keys) for u in units], counts)
 
 
-# ------------------------------------------------------------------------------------------- artifacts (R10)
+# ------------------------------------------------------------------------------------------- artifacts
 def artifact_name(kind: str, model: str, bits: int, n_calib: int, seed: int, extra: str = "") -> str:
     """`{model}-a{bits}-n{N}-s{seed}[-extra]-{kind}.pt` (the full config is also stored inside the file)."""
     model = Path(model).name or "model"

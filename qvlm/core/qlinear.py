@@ -2,7 +2,7 @@
 
 Q-VLM (Wang et al., NeurIPS 2024) §3 quantizes the weights and input activations of every linear layer of the
 vision encoder, projector and LLM; the official code does it with a patched bitsandbytes `Linear4bit` whose
-`QuantAct` fake-quantizes the input (qvlm-method.md §1.B1). `QuantLinear` is the general, tested version:
+`QuantAct` fake-quantizes the input (docs/method.md). `QuantLinear` is the general, tested version:
 
     y = fake_quant_w(W) @ fake_quant_a(x / input_scale)^T + b
 

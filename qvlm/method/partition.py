@@ -14,9 +14,9 @@ Scores live on EDGES: score[k] is the dependency between unit k and unit k+1 (le
 proxy the edge score is H(x_q) of the successor's input, H_{k+1} (high entropy of the layer that receives the
 rounding error -> strong dependency, Fig. 2); with Eq. 4 it is D(k, {k+1}) directly. A NaN score, or an edge in
 `cuts`, is never merged (part boundaries: vision -> projector -> LLM re-index tokens, so the sequential driver
-treats each part as its own stage; docs §1.B: the official code only partitions LLaMA layers).
+treats each part as its own stage; the official code only partitions LLaMA layers, docs/method.md).
 
-Threshold p (R: the paper names p but not its scale, docs §1.A.5):
+Threshold p (the paper names p but not its scale; docs/method.md):
     threshold="quantile" (default): merge edges whose score is >= the p-quantile of the profile; p = 0.5 merges
         the stronger half of the edges. Scale-free, so one p works for entropy (nats) and D alike.
     threshold="absolute": merge edges whose score is >= p (in the proxy's units).
@@ -27,7 +27,7 @@ Max depth (Fig. 3(a)): no block has more than `max_depth` units. A run of merged
 Baselines: layerwise (every unit alone, = AdaRound-style), transformer_blocks (one transformer layer per block,
 = BRECQ), fixed_size (n units per block), whole (one block per part).
 
-References: BRECQ (Li et al. 2021) block granularity; docs/qvlm-method.md §1.A.5, §1.B.4, §5.1(a).
+References: BRECQ (Li et al. 2021) block granularity; docs/method.md.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ BASELINES = ("layerwise", "transformer_blocks", "fixed_size", "whole")
 class PartitionConfig:
     p: float = 0.5                 # merge edges whose score is >= the p-quantile of the profile (or >= p, absolute)
     threshold: str = "quantile"    # "quantile": scale-free, one p for any proxy | "absolute": p in the proxy's units
-    max_depth: int = 3             # max units per block; 3 = the official code's forced refresh period (docs §1.B.4)
+    max_depth: int = 3             # max units per block; 3 = the official code's forced refresh period (docs/method.md)
     split: str = "weakest"         # how a too-long merged run is cut: at its "weakest" edge | "greedy" left to right
     proxy: str = "entropy"         # edge score: "entropy" (H of the successor's input) | "dependency" (Eq. 4 D)
 
@@ -184,7 +184,7 @@ def summary(blocks: list[list[int]]) -> dict:
                 n_units=sum(depths))
 
 
-# ------------------------------------------------------------------------------------------- artifacts (R10)
+# ------------------------------------------------------------------------------------------- artifacts
 @dataclass
 class Partition:
     """A chosen partition: blocks of unit indices, the units' linear keys, the scores and the config used."""

@@ -11,7 +11,7 @@ What. An exact reparameterisation that leaves the FP function unchanged (up to f
 feeds linear layers (CLIP layer_norm1 -> q,k,v and layer_norm2 -> fc1; LLaMA input_layernorm -> q,k,v and
 post_attention_layernorm -> gate,up), the `frac` share of channels with the largest |gain| get their gain (and bias)
 multiplied by `scale` (chosen on the val split by `choose_scale`: the first of SWEEP whose naive W4A4 drop
-clears the issue's bar with a margin), and the matching input columns of the linears that read the norm are divided by `scale`:
+clears the testbed bar with a margin), and the matching input columns of the linears that read the norm are divided by `scale`:
 
     W x_norm = (W diag(1/s)) (diag(s) x_norm)
 
@@ -34,43 +34,11 @@ from torch import nn
 from .. import data as qdata
 from ..errors import QVLMError
 from ..models import load, resolve_path
+from ..transforms.fold import norm_linear_pairs
 from ..utils import atomic_dir, atomic_write_json
 from .sensitivity import measure
 
 FRAC = 1 / 64    # share of each norm's channels made outliers (at least one): LLaMA-7B has ~6-10 of 4096
-
-
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
-
-
-@torch.no_grad()
-def norm_linear_pairs(model: nn.Module, batch: dict) -> list[tuple[str, nn.Module, list[nn.Linear]]]:
-    """[(norm name, norm, [linears reading exactly its output])] in forward order, traced on one batch; the lm_head
-    (kept FP) is excluded."""
-    produced, readers, order, handles = {}, {}, [], []
-    names = {id(m): n for n, m in model.named_modules()}
-    lm_head = model.get_output_embeddings()
-    for name, m in model.named_modules():
-        if _is_norm(m) and getattr(m, "weight", None) is not None:
-            handles.append(m.register_forward_hook(
-                lambda mod, a, y: produced.setdefault(id(y), (mod, y)) and None))
-        elif isinstance(m, nn.Linear) and m is not lm_head:
-            handles.append(m.register_forward_pre_hook(
-                lambda mod, a: readers.setdefault(id(mod), (mod, a[0])) and None))   # keep a[0] alive: ids stay unique
-    try:
-        model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    by_norm = {}
-    for lin, x in readers.values():
-        if id(x) in produced and produced[id(x)][1] is x:
-            norm = produced[id(x)][0]
-            if id(norm) not in by_norm:
-                order.append(norm)
-            by_norm.setdefault(id(norm), []).append(lin)
-    return [(names[id(n)], n, by_norm[id(n)]) for n in order]
 
 
 @torch.no_grad()
@@ -134,7 +102,7 @@ def input_absmax(model: nn.Module, batch: dict, layer: nn.Module) -> torch.Tenso
 
 
 SWEEP = (4.0, 8.0, 12.0, 16.0, 32.0)   # candidate scales, tried in order on the VAL split
-W4A4_DROP = 0.12                      # pick the first scale whose naive W4A4 val drop >= the issue's 10-point bar + 2
+W4A4_DROP = 0.12                      # pick the first scale whose naive W4A4 val drop >= the 10-point bar + 2
 W8A8_DROP = 0.01                      # ... while naive W8A8 stays within 1 point (the bar is 2)
 
 

@@ -107,7 +107,7 @@ def test_run_entropy_profile(model_and_samples, tmp_path):
     # the image/text split partitions the LLM tokens: counts add up
     i = stats.keys.index("llm.0.mlp.down_proj")
     assert torch.equal(stats.counts["image"][i] + stats.counts["text"][i], stats.counts["all"][i])
-    # R10 round trip, config stored inside
+    # artifact round trip, config stored inside
     path = E.save_entropy(stats, tmp_path / E.artifact_name("entropy", "tiny", 4, len(samples), 0))
     back = E.load_entropy(path)
     assert back.config["bits"] == 4 and back.entropy() == stats.entropy()

@@ -1,5 +1,5 @@
 """qvlm.method.rounding + qvlm.method.pipeline: driver units, the block search against RTN, the full pipeline
-(registration, determinism, R10 save -> load -> apply), config validation and the generated CLI flags."""
+(registration, determinism, save -> load -> apply), config validation and the generated CLI flags."""
 import copy
 
 import pytest
