@@ -160,6 +160,10 @@ def test_testbed_fp_acceptance_record():
 
 
 @pytest.mark.skipif(not (TINY_DIR / "testbed.json").exists(), reason="testbed checkpoint not built")
-def test_testbed_discriminates_w4a4():
+def test_tiny_has_no_manufactured_outliers():
+    """tiny is the fast model, not evidence: its W4A4 difficulty is mild and folding the norms changes little
+    (the injected outliers it once carried were exactly undone by a fold). The real-weights model carries the
+    quantization claims."""
     sens = _record()["sensitivity"]
-    assert sens["fp"] - sens["rtn_w4a4"] >= 0.10
+    assert abs(sens["rtn_w4a4"] - sens["rtn_w4a4_fold"]) <= 0.02
+    assert sens["fp"] - sens["rtn_w8a8"] <= 0.01
