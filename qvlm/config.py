@@ -103,7 +103,7 @@ class EvalConfig:
 #   n_seeds    calibration seeds of every compared cell               dependency (notebook 02)
 #   batch_size calibration / evaluation batch
 PRESETS: dict[str, dict[str, dict]] = {
-    "smoke": {p: dict(n_calib=8, n_eval=48, iters=20, ded_iters=20, n_seeds=2, batch_size=16) for p in ("cpu", "gpu")},
+    "smoke": {p: dict(n_calib=8, n_eval=200, iters=20, ded_iters=20, n_seeds=2, batch_size=16) for p in ("cpu", "gpu")},
     "full": {
         "cpu": dict(n_calib=64, n_eval=0, iters=200, ded_iters=100, n_seeds=3, batch_size=32),
         "gpu": dict(n_calib=128, n_eval=0, iters=2000, ded_iters=1000, n_seeds=3, batch_size=32),

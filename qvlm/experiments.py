@@ -33,7 +33,8 @@ from .core.cost import measure
 from .core.qlinear import QuantLinear, quant_linears
 from .deploy.layer import scheme
 from .deploy.pack import deploy as pack_model
-from .deploy.verify import LOCAL_ROWS, layerwise_check
+from .deploy.pack import pack_layer
+from .deploy.verify import LOCAL_ROWS, integer_accumulator, layerwise_check
 from .errors import QVLMError
 from .evaluate import evaluate, predict
 from .models import llava
@@ -96,6 +97,7 @@ def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *,
     with measure(llava.model_device(m), QuantLinear, block_types) as cost:
         m, info = methods.quantize(m, processor, method, qcfg, calib, dataset=eval.dataset, progress=progress,
                                    **method_knobs(method, knobs))
+    fields = methods.get(method).row_fields
     hooks, local = _record_layers(m) if deploy else ([], {})
     preds = predict(m, processor, samples, eval.batch_size, progress=progress)
     for h in hooks:
@@ -107,7 +109,9 @@ def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *,
                wall_s=cost.wall_seconds, cpu_s=cost.cpu_seconds, linear_fwd=cost.linear_fwd,
                linear_bwd=cost.linear_bwd, linear_passes=cost.linear_passes, block_passes=cost.block_passes,
                peak_memory_bytes=cost.peak_memory_bytes, peak_memory_kind=cost.peak_memory_kind,
-               knobs=info["knobs"], info=dict(blocks=info["blocks"], transform=tr, calib=info["calib"], quant_config=info["quant_config"]))
+               knobs=info["knobs"], info=dict(blocks=info["blocks"], transform=tr, calib=info["calib"],
+                                              quant_config=info["quant_config"]),
+               **(fields(info["blocks"]) if fields else {}))
     if deploy:
         pack_model(m)
         packed = predict(m, processor, samples, eval.batch_size, progress=progress)
@@ -168,3 +172,20 @@ def fp_row(model: nn.Module, processor, eval: EvalConfig | None = None, model_na
                 n_eval=res["n"], **{f"acc_{c}": a for c, a in res["per_category"].items()}, wall_s=0.0, cpu_s=0.0,
                 linear_fwd=0, linear_bwd=0, linear_passes=0, block_passes=0, peak_memory_bytes=0, peak_memory_kind="", knobs={},
                 info={})
+
+
+@torch.no_grad()
+def probe_accumulator(model: nn.Module, processor, setting, samples: list[dict], probe: str = "") -> dict:
+    """Quantize a copy with RTN, run `samples` to capture the input of one linear (default: the first LLM linear),
+    pack that layer, and compare its int32 accumulator with the fake-quant integer matmul: they must be equal."""
+    qcfg = setting_of(setting)
+    m, _ = methods.quantize(copy.deepcopy(model), processor, "rtn", qcfg, progress=False)
+    qls = dict(quant_linears(m))
+    probe = probe or next((n for n in qls if "language_model" in n), next(iter(qls)))
+    seen = []
+    h = qls[probe].register_forward_pre_hook(lambda mod, a: seen.append(a[0].detach()) and None)
+    predict(m, processor, samples[:4], 4, progress=False)
+    h.remove()
+    acc_kernel, acc_fake = integer_accumulator(qls[probe], pack_layer(qls[probe]), seen[0])
+    return dict(setting=qcfg.setting, layer=probe, shape=tuple(acc_kernel.shape), K=seen[0].shape[-1],
+                max_abs=int(acc_kernel.abs().max()), max_abs_diff=int((acc_kernel - acc_fake).abs().max()))

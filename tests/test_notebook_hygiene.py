@@ -1,11 +1,13 @@
-"""Notebooks are committed clean: one `parameters` cell (first code cell, annotated literals only), no outputs,
-no sys.path edits, numbered NN_*.ipynb."""
+"""Notebooks are committed clean: one `parameters` cell (first code cell, annotated literals only), no outputs, no
+sys.path edits, no function definitions, numbered NN_*.ipynb, nbformat 4.5 with cell ids and the installed kernelspec
+(so JupyterLab opens them unmodified)."""
 import ast
 import json
 
+import papermill as pm
 import pytest
 
-from qvlm.reproduce import notebooks
+from qvlm.paths import KERNELSPEC, LANGUAGE_INFO, REPO_ROOT, notebooks
 
 NBS = notebooks()
 
@@ -17,7 +19,14 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("nb", NBS, ids=lambda p: p.stem)
 def test_hygiene(nb):
-    cells = json.loads(nb.read_text())["cells"]
+    doc = json.loads(nb.read_text())
+    cells = doc["cells"]
+    # what JupyterLab writes when it opens and saves the notebook: committed as is, so opening it changes nothing
+    assert (doc["nbformat"], doc["nbformat_minor"]) == (4, 5), f"{nb.name}: not nbformat 4.5"
+    assert doc["metadata"].get("kernelspec") == KERNELSPEC, f"{nb.name}: kernelspec differs from the installed one"
+    assert doc["metadata"].get("language_info") == LANGUAGE_INFO, f"{nb.name}: language_info differs"
+    ids = [c.get("id") for c in cells]
+    assert all(ids) and len(set(ids)) == len(ids), f"{nb.name}: cells need unique ids"
     code = [c for c in cells if c["cell_type"] == "code"]
     params = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1, f"{nb.name}: {len(params)} parameters cells (want 1)"
@@ -32,18 +41,21 @@ def test_hygiene(nb):
         assert isinstance(node, ast.AnnAssign), f"{nb.name}: parameters cell holds only annotated assignments"
         assert isinstance(node.value, ast.Constant), f"{nb.name}: parameter {ast.unparse(node.target)} is not a literal"
         names.add(node.target.id)
-    assert {"MODE", "MODEL", "OUT_DIR", "SEED"} <= names, f"{nb.name}: missing standard parameters"
+    assert {"MODE", "PRESET", "MODEL", "OUT_DIR", "SEED"} <= names, f"{nb.name}: missing standard parameters"
+    # thin notebooks: no function or class definitions (logic lives in the package)
+    for c in code[1:]:
+        for node in ast.walk(ast.parse("".join(c["source"]))):
+            assert not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)), \
+                f"{nb.name}: defines {node.name}; move it into qvlm/"
     lines = [l for l in "".join(params[0]["source"]).splitlines() if l.strip()]
     assert all("#" in l for l in lines), f"{nb.name}: every parameter needs a trailing comment"
     # papermill must be able to read every parameter (its parser trips on e.g. `# "" = ...` comments,
     # which silently drops the parameter from `papermill --help-notebook` and warns on every run)
-    import papermill as pm
     parsed = set(pm.inspect_notebook(str(nb)))
     assert parsed == names, f"{nb.name}: papermill cannot parse parameters {sorted(names - parsed)}"
 
 
 def test_readme_maps_every_notebook():
-    from qvlm.paths import REPO_ROOT
     text = (REPO_ROOT / "README.md").read_text()
     block = text[text.index("<!-- notebook-map:start -->"):text.index("<!-- notebook-map:end -->")]
     missing = [nb.stem for nb in NBS if f"`{nb.stem}`" not in block]

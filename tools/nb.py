@@ -8,6 +8,8 @@ Outputs and execution counts are never written; the parameters cell carries the 
 import json
 import textwrap
 
+from qvlm.paths import KERNELSPEC, LANGUAGE_INFO
+
 
 def _src(text):
     text = textwrap.dedent(text).strip("\n")
@@ -29,8 +31,7 @@ def params(text):
 
 
 def write_notebook(path, cells):
-    nb = {"cells": cells, "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-                                       "language_info": {"name": "python"}},
+    nb = {"cells": cells, "metadata": {"kernelspec": KERNELSPEC, "language_info": LANGUAGE_INFO},
           "nbformat": 4, "nbformat_minor": 5}
     for i, c in enumerate(nb["cells"]):
         c["id"] = f"c{i:02d}"

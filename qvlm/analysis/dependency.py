@@ -378,3 +378,79 @@ def fixed_layer_points(model: nn.Module, processor, samples: list[dict], edge: i
                       granularity=granularity, joint_budget=joint_budget).rows[0]
         pts.append(dict(group=g // group_size, entropy=h, ded=row["rel_ded"]))
     return pts
+
+
+# ------------------------------------------------------------------------------------------- the study (Fig. 2)
+def select_edges(edges: list[int], spec: str = "all") -> list[int]:
+    """'all' | 'every:K' (every K-th edge, starting at the first) | 'a,b,c' (those edge indices)."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(edges)
+    if spec.startswith("every:"):
+        return list(edges)[:: max(1, int(spec.split(":", 1)[1]))]
+    want = [int(x) for x in spec.split(",") if x.strip()]
+    bad = [e for e in want if e not in edges]
+    if bad:
+        raise QVLMError(f"edges {bad} are not within-part edges of this model", f"pick from {list(edges)}")
+    return want
+
+
+def study(model: nn.Module, processor, calib_sets: dict[int, list[dict]], qcfg: QuantConfig, cfg: ReconConfig,
+          scope=("llm",), granularity: str = "layer", pairing: str = "residual", edges: str = "all",
+          batch_size: int = 16, joint_budget: str = "per_parameter") -> dict:
+    """Fig. 2 across layers, per calibration seed: D (Eq. 4) and H of the successor per edge, DED per edge from
+    real searches, and the line fits DED ~ H and DED ~ D per seed and pooled over seeds.
+
+    Returns dict(edges: per-edge table of the first seed (H_next: the successor's layer entropy; D, MI; H_paired:
+    the entropy of the paired codes of the successor, so that D <= H_paired), rows: per (seed, edge) DED rows with
+    H_next and D, fits: {"H": {seed: fit}, "D": {seed: fit}, "H_pooled": fit, "D_pooled": fit}, spread)."""
+    seeds = sorted(calib_sets)
+    rows, fits, edge_table = [], {"H": {}, "D": {}}, None
+    for s in seeds:
+        samples = calib_sets[s]
+        h = node_entropy(model, processor, samples, qcfg, scope, granularity)
+        dep = run_dependency(model, processor, samples, qcfg, pairing=pairing, batch_size=batch_size, scope=scope,
+                             granularity=granularity)
+        d, mi = dep.dependency(), dep.mutual_information()
+        within = [e for e in range(len(d)) if dep.parts[e] == dep.parts[e + 1]]
+        todo = select_edges(within, edges)
+        if edge_table is None:
+            names = [n[0] if granularity == "layer" else unit_name(n) for n in dep.units]
+            edge_table = [dict(edge=e, unit=names[e], successor=names[e + 1], H_next=h[e + 1], D=d[e], MI=mi[e],
+                               H_paired=entropy(dep.joint[e].sum(0))) for e in within]
+        ded = run_ded(model, processor, samples, qcfg, cfg, edges=todo, batch_size=batch_size, seed=s, scope=scope,
+                      granularity=granularity, joint_budget=joint_budget)
+        for r in ded.rows:
+            rows.append(dict(seed=s, H_next=h[r["edge"] + 1], D=d[r["edge"]], **r))
+        mine = [r for r in rows if r["seed"] == s]
+        fits["H"][s] = fit_line([r["H_next"] for r in mine], [r["rel_ded"] for r in mine])
+        fits["D"][s] = fit_line([r["D"] for r in mine], [r["rel_ded"] for r in mine])
+    fits["H_pooled"] = fit_line([r["H_next"] for r in rows], [r["rel_ded"] for r in rows])
+    fits["D_pooled"] = fit_line([r["D"] for r in rows], [r["rel_ded"] for r in rows])
+    return dict(edges=edge_table, rows=rows, fits=fits, spread=dict(H=r2_spread(list(fits["H"].values())),
+                                                                    D=r2_spread(list(fits["D"].values()))))
+
+
+def select_edge(edges: list[int], spec: str = "middle") -> int:
+    """One edge: 'middle' (the paper shows LLaVA's 15th of 32 layers) or an index among `edges`."""
+    if str(spec) == "middle":
+        return edges[(len(edges) - 1) // 2]
+    e = int(spec)
+    if e not in edges:
+        raise QVLMError(f"edge {e} is not a within-part edge of this model", f"pick from {edges}")
+    return e
+
+
+def budget_control(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfig, cfg: ReconConfig, edge: int,
+                   scope=("llm",), granularity: str = "layer", batch_size: int = 16, seed: int = 0) -> list[dict]:
+    """DED of one edge under both joint budgets (module doc (b)): if "total" (the joint arm gets the layer-wise
+    arm's total steps) gave a much larger DED than "per_parameter", the budget and not the dependency would drive
+    it."""
+    out = []
+    for jb in JOINT_BUDGETS:
+        r = run_ded(model, processor, samples, qcfg, cfg, edges=[edge], batch_size=batch_size, seed=seed, scope=scope,
+                    granularity=granularity, joint_budget=jb).rows[0]
+        out.append(dict(joint_budget=jb, **{k: r[k] for k in ("edge", "unit", "successor", "e_rtn", "e_layerwise",
+                                                              "e_joint", "ded", "rel_ded", "steps_layerwise",
+                                                              "steps_joint")}))
+    return out

@@ -28,13 +28,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
 from ..config import QuantConfig
 from ..core.hooks import InputTap, calib_batches, check_train_split, image_token_id, model_inputs, token_masks
 from ..core.quant import FP_BITS, act_qparams, check_bits, qrange, quantize
-from ..core.units import find_units, layer_of
+from ..core.units import find_units, layer_of, unit_name
 from ..errors import QVLMError
 from ..models import llava
 from ..utils import load_artifact, save_artifact
@@ -222,3 +223,81 @@ def save_entropy(stats: EntropyStats, path) -> Path:
 def load_entropy(path) -> EntropyStats:
     """Inverse of save_entropy."""
     return load_artifact("entropy", EntropyStats, path, "qvlm.entropy.save_entropy")
+
+
+# ------------------------------------------------------------------------------------------- tables
+def run_profiles(model: nn.Module, processor, samples: list[dict], bits_list, batch_size: int = 16,
+                 meta: dict | None = None) -> dict[int, EntropyStats]:
+    """run_entropy at each activation bit-width: {bits: EntropyStats}."""
+    return {b: run_entropy(model, processor, samples, QuantConfig(a_bits=b), batch_size=batch_size, meta=meta)
+            for b in sorted(bits_list)}
+
+
+def profile_frame(stats: dict[int, EntropyStats], estimator: str = "plugin") -> pd.DataFrame:
+    """One row per (bits, quantized linear): pos, key, part, layer, unit, H_all, H_image, H_text, n_codes, log_K."""
+    rows = []
+    for b, st in stats.items():
+        unit_of = {k: unit_name(u) for u in st.units for k in u}
+        for i, r in enumerate(st.table(estimator)):
+            rows.append(dict(pos=i, bits=b, name=r["key"], layer=layer_of(r["key"]), unit=unit_of[r["key"]], **r))
+    return pd.DataFrame(rows)
+
+
+def layer_frame(stats: dict[int, EntropyStats], estimator: str = "plugin") -> pd.DataFrame:
+    """One row per (bits, transformer layer): H pooled and H mean over its inputs, all / image / text tokens."""
+    rows = []
+    for b, st in stats.items():
+        cols = {f"H_{agg}_{split}": st.layer_entropy(split, estimator, agg) for agg in AGGREGATES
+                for split in ("all", "image")}
+        for i, (layer, part) in enumerate(zip(st.layers(), st.layer_parts())):
+            rows.append(dict(pos=i, bits=b, layer=layer, part=part, **{k: v[i] for k, v in cols.items()}))
+    return pd.DataFrame(rows)
+
+
+def bits_scaling(profile: pd.DataFrame) -> pd.DataFrame:
+    """Mean entropy gain per part from the lowest bit-width to each higher one, beside the high-resolution
+    prediction log((2^(b-1) - 1) / (2^(b0-1) - 1)) (each extra bit halves the step: +log 2 per bit)."""
+    wide = profile.pivot_table(index="key", columns="bits", values="H_all")
+    bits = sorted(wide.columns)
+    lo = bits[0]
+    part = profile.drop_duplicates("key").set_index("key")["part"]
+    gain = pd.DataFrame({f"{lo}->{b}": wide[b] - wide[lo] for b in bits[1:]})
+    gain["part"] = part.loc[gain.index]
+    out = gain.groupby("part").mean()
+    out.loc["high-resolution prediction"] = pd.Series(
+        {f"{lo}->{b}": math.log((2 ** (b - 1) - 1) / (2 ** (lo - 1) - 1)) for b in bits[1:]})
+    return out
+
+
+def check_profiles(stats: dict[int, EntropyStats]) -> dict[int, dict]:
+    """Assert what holds in any mode (0 <= H <= log K per input; more bits never lower H), and return per
+    bit-width: mean H, the spread across units (max - min), log K."""
+    out, prev = {}, None
+    for b, st in sorted(stats.items()):
+        h = [x for x in st.entropy("all") if not math.isnan(x)]
+        assert len(h) == len(st.keys) and all(0.0 <= x <= b * math.log(2) + 1e-9 for x in h), (b, min(h), max(h))
+        if prev is not None:
+            assert all(x > y for x, y in zip(st.entropy("all"), prev)), "H(x_q) not increasing in bits"
+        prev = st.entropy("all")
+        u = st.unit_entropy()
+        out[b] = dict(mean_H=sum(h) / len(h), spread_H=max(u) - min(u), log_K=b * math.log(2))
+    return out
+
+
+def stability(model: nn.Module, processor, samples: list[dict], bits: int, batch_size: int = 16) -> dict:
+    """Largest and mean |H(half) - H(all)| over the linear inputs when the second half of `samples` is dropped."""
+    full = run_entropy(model, processor, samples, QuantConfig(a_bits=bits), batch_size=batch_size).entropy()
+    half = run_entropy(model, processor, samples[: max(1, len(samples) // 2)], QuantConfig(a_bits=bits),
+                       batch_size=batch_size).entropy()
+    d = [abs(a - b) for a, b in zip(half, full)]
+    return dict(bits=bits, n_half=max(1, len(samples) // 2), n_all=len(samples), max_abs_diff=max(d),
+                mean_abs_diff=sum(d) / len(d))
+
+
+def image_vs_text(profile: pd.DataFrame, bits: int) -> dict:
+    """The LLM's distinct inputs at `bits`: rows (unit, H_image, H_text) and their means, and the share of inputs
+    whose image tokens have the higher entropy."""
+    llm = profile[(profile["part"] == "llm") & (profile["bits"] == bits)].drop_duplicates("unit")
+    rows = llm[["unit", "layer", "H_image", "H_text"]].reset_index(drop=True)
+    return dict(rows=rows, summary=dict(H_image=float(rows["H_image"].mean()), H_text=float(rows["H_text"].mean()),
+                                        frac_image_higher=float((rows["H_image"] > rows["H_text"]).mean())))

@@ -147,3 +147,11 @@ def batches(samples: list[dict], batch_size: int):
     for g in groups:
         for i in range(0, len(g), batch_size):
             yield g[i:i + batch_size]
+
+
+def category_counts(samples: list[dict]) -> dict[str, int]:
+    """{category: number of samples}, in first-appearance order."""
+    out: dict[str, int] = {}
+    for s in samples:
+        out[s["category"]] = out.get(s["category"], 0) + 1
+    return out

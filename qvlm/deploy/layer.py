@@ -14,6 +14,8 @@ the same integers.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -31,6 +33,19 @@ ACT_QUANTIZERS = ("token", "clip", "static", "tensor")    # token = dynamic per-
 # masked (M is rarely a multiple of 512). BLOCK_K stays each kernel's default, which it shrinks to divide the group
 # size. On CUDA the kernels autotune and this is not used.
 INTERPRETER_BLOCK = {"BLOCK_M": 512, "BLOCK_N": 256}
+_KERNELS = {"on": True}             # reference_backend() turns the Triton launches off (same integers, plain torch)
+
+
+@contextlib.contextmanager
+def reference_backend():
+    """Inside the `with`, packed layers compute with the plain-torch `*_ref` functions (the same integer codes and
+    int32 accumulators as the kernels), e.g. to evaluate a large packed model on a CPU where Triton's interpreter
+    would take hours; the kernels themselves are checked separately (qvlm.deploy.verify.kernel_checks)."""
+    _KERNELS["on"] = False
+    try:
+        yield
+    finally:
+        _KERNELS["on"] = True
 
 
 
@@ -82,7 +97,7 @@ class DeployedLinear(PackedLinear):
             x = x / self.input_scale.to(x.dtype)                 # smoothing (weight holds W * input_scale)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)                                    # (M, K)
-        launch = can_launch(x2)
+        launch = can_launch(x2) and _KERNELS["on"]
         block = INTERPRETER_BLOCK if launch and not x2.is_cuda else None        # None: autotune on CUDA
         zp = None if self.symmetric else self.zero_point
         if self.mode == "w4a16":

@@ -34,7 +34,7 @@ from ..core.qlinear import check_model, freeze_model, quantize_model
 from ..core.reconstruct import allocate_steps
 from ..data import calibration_set
 from ..errors import QVLMError
-from ..models import llava
+from ..models import check_quant_config, llava
 from ..utils import seed_everything
 from . import adaround, awq, brecq, fp, gptq, qvlm, rtn, smoothquant
 from .base import Method
@@ -91,6 +91,7 @@ def quantize(model, processor, method: str = "rtn", qcfg: QuantConfig | None = N
     if m.name == "fp":
         qcfg = dataclasses.replace(qcfg, w_bits=16, a_bits=16)
     check_model(model, qcfg)
+    check_quant_config(model, qcfg)
     _check_weights(model, qcfg)
     setattr(model, FINGERPRINT_ATTR, fingerprint(model))    # so save_quantized stores only what the method changed
     seed_everything(calib_cfg.seed)

@@ -25,6 +25,8 @@ class Method:
     units: Callable | None = None                 # optional (model, qcfg, cfg) -> [[block key, ...], ...]
     # optional full override: run(model, processor, samples, qcfg, calib_cfg, cfg, progress, dataset=) -> stats
     run: Callable | None = None
+    # optional: scalars for a result row from the method's stats (e.g. Q-VLM's number of blocks)
+    row_fields: Callable | None = None
 
     def knob_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.config)]

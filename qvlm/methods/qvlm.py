@@ -18,6 +18,18 @@ def run(model, processor, samples, qcfg, calib_cfg, cfg: QVLMConfig, progress: b
     return res.stats()
 
 
-METHOD = Method("qvlm", QVLMConfig, None, needs_data=True, run=run,
+def row_fields(stats: dict) -> dict:
+    """Scalars of a Q-VLM run for a result row: blocks, steps, and what VEO did (when it ran)."""
+    out = dict(n_blocks=stats.get("n_blocks"), steps=stats.get("steps"))
+    v = stats.get("veo")
+    if v:
+        tok = "image" if "H_image_before" in v else "all"
+        out.update(veo_reverted=v.get("reverted"), veo_H_before=v.get(f"H_{tok}_before"),
+                   veo_H_after=v.get(f"H_{tok}_after"), veo_fp_val_before=v.get("fp_val_before"),
+                   veo_fp_val_after=v.get("fp_val_after"))
+    return out
+
+
+METHOD = Method("qvlm", QVLMConfig, None, needs_data=True, run=run, row_fields=row_fields,
                 summary="Q-VLM: entropy-guided block partition + visual-encoder optimization + block-wise learned "
                         "rounding and activation steps")

@@ -19,10 +19,10 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from ..errors import QVLMError
 from ..paths import TINY_DIR
-from . import llava  # noqa: F401  (structure discovery: qvlm.models.llava.parts / blocks / linear_layers)
+from . import llava, smol  # noqa: F401  (llava: structure discovery; smol: the real-weights testbed)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SHIPPED = ("tiny",)                 # model names that load without a path (their files ship under data/)
+SHIPPED = ("tiny", "smol")         # model names that load without a path (their files ship under data/)
 MARKERS = {"qvlm_quant.json": "a `qvlm quantize` output", "qvlm_packed.json": "a `qvlm deploy` output"}
 
 
@@ -48,12 +48,16 @@ def resolve_path(name_or_path: str) -> Path:
 
 
 def load(name_or_path: str = "tiny", device: str = "cpu", dtype: str = "float32", device_map=None):
-    """(model, processor) of an FP model: 'tiny' or a local llava-hf checkpoint directory. Model in eval mode."""
+    """(model, processor) of an FP model: 'tiny', 'smol' or a local llava-hf checkpoint directory (eval mode)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for marker, what in MARKERS.items():
         if name_or_path not in SHIPPED and (Path(name_or_path) / marker).is_file():
             raise QVLMError(f"{name_or_path} is {what}, not an FP checkpoint",
                             "load it with qvlm.loading.load (the CLI does), or pass the FP model it was made from")
+    if dtype not in _DTYPES:
+        raise QVLMError(f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
+    if name_or_path == "smol":
+        return smol.load(device=device, dtype=dtype)
     path = resolve_path(name_or_path)
     if dtype not in _DTYPES:
         raise QVLMError(f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
@@ -75,3 +79,17 @@ def load(name_or_path: str = "tiny", device: str = "cpu", dtype: str = "float32"
     if device_map is None:
         model = model.to(device)
     return model.eval(), processor
+
+
+def check_quant_config(model, qcfg) -> None:
+    """Model-specific refusals of a quantization config (smol: its decoder's source weight grid), QVLMError."""
+    if getattr(model, "name_or_path", "") == "smol":
+        smol.check_quant_config(qcfg)
+
+
+def record(name_or_path: str) -> dict:
+    """The build record beside a shipped model (data/<name>/testbed.json: recipe, training time, measured numbers);
+    {} for a checkpoint without one."""
+    base = {"tiny": TINY_DIR, "smol": smol.SMOL_DIR}.get(name_or_path, Path(name_or_path))
+    f = base / "testbed.json"
+    return json.loads(f.read_text()) if f.is_file() else {}

@@ -144,12 +144,12 @@ def partition_profile(names: list[str], unit_scores: list[float], blocks: list[l
     if threshold is not None and threshold == threshold:
         ax.axhline(threshold, color="crimson", ls="--", lw=1, label=f"threshold {threshold:.3f}")
         ax.legend(fontsize=8, loc="lower right")
-    lo = min(s for s in unit_scores if s == s)
-    ax.set_ylim(max(0.0, lo - 0.5), None)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylim(0.0, None)                                      # bars start at 0: heights compare honestly
+    step = max(1, len(names) // 45)
+    ax.set_xticks(range(0, len(names), step))
+    ax.set_xticklabels(names[::step], rotation=90, fontsize=8)
     ax.set_xlim(-0.5, len(names) - 0.5)
-    ax.set_ylabel("H(x_q) of the unit's input (nats)")
+    ax.set_ylabel("H(x_q) (nats)")
     ax.set_title(title or f"{len(blocks)} blocks", pad=14)
     ax.figure.tight_layout()
     return ax.figure
@@ -175,14 +175,31 @@ def twin_lines(df, x: str, left: str, right: str, title: str = "", xlabel: str =
     return fig
 
 
+def _spread_labels(xy: list[tuple[float, float]], x_span: float, y_span: float) -> list[float]:
+    """Vertical label offsets (points) so that labels of (nearly) coincident points stack instead of overlapping."""
+    offsets, seen = [], []
+    for x, y in xy:
+        k = sum(abs(x - a) < 0.04 * x_span and abs(y - b) < 0.04 * y_span for a, b in seen)
+        offsets.append(3 + 10 * k)
+        seen.append((x, y))
+    return offsets
+
+
 def cost_accuracy(df, x: str, y: str, label: str, title: str = "", xlabel: str = "", ylabel: str = "",
-                  ref: float | None = None, ref_label: str = "FP"):
-    """Scatter of configurations in (cost, accuracy) space, each point labelled (e.g. partitions, methods)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    sns.scatterplot(df, x=x, y=y, hue=label, s=70, ax=ax, legend=False)
-    for _, r in df.iterrows():
-        ax.annotate(str(r[label]), (r[x], r[y]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.margins(x=0.25, y=0.1)
+                  ref: float | None = None, ref_label: str = "FP", xerr: str | None = None, yerr: str | None = None):
+    """Configurations in (cost, accuracy) space, each point labelled (partitions, methods); optional error bars
+    (columns `xerr`, `yerr`: e.g. the std over seeds). Labels of tied points are stacked, not overprinted."""
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    pal = sns.color_palette("tab10", max(len(df), 1))
+    for c, (_, r) in zip(pal, df.iterrows()):
+        ax.errorbar(r[x], r[y], xerr=r[xerr] if xerr else None, yerr=r[yerr] if yerr else None, fmt="o", ms=7,
+                    color=c, capsize=3)
+    xs, ys = list(df[x].astype(float)), list(df[y].astype(float))
+    span_x = (max(xs) - min(xs)) or 1.0
+    span_y = (max(ys) - min(ys)) or 1.0
+    for (_, r), off in zip(df.iterrows(), _spread_labels(list(zip(xs, ys)), span_x, span_y)):
+        ax.annotate(str(r[label]), (r[x], r[y]), fontsize=8, xytext=(6, off), textcoords="offset points")
+    ax.margins(x=0.3, y=0.15)
     if ref is not None:
         ax.axhline(ref, color="k", ls="--", lw=1, label=ref_label)
         ax.legend(fontsize=8)
@@ -193,14 +210,67 @@ def cost_accuracy(df, x: str, y: str, label: str, title: str = "", xlabel: str =
     return fig
 
 
-def method_bars(df, x: str = "setting", y: str = "accuracy", hue: str = "method", title: str = "",
-                ylabel: str = "accuracy"):
-    """Grouped bars, e.g. accuracy of every method at each bit-width setting."""
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    sns.barplot(df, x=x, y=y, hue=hue, ax=ax)
+def method_bars(summary, x: str = "setting", y: str = "accuracy", hue: str = "method", title: str = "",
+                ylabel: str = "accuracy", ref: float | None = None):
+    """Grouped bars of `<y>_mean` with `<y>_std` error bars (a qvlm.report.stats.summarize table), e.g. accuracy
+    of every method at each setting."""
+    fig, ax = plt.subplots(figsize=(10, 4))
+    xs, hs = list(dict.fromkeys(summary[x])), list(dict.fromkeys(summary[hue]))
+    width = 0.8 / max(len(hs), 1)
+    pal = sns.color_palette("tab10", max(len(hs), 1))
+    for j, (h, c) in enumerate(zip(hs, pal)):
+        sub = summary[summary[hue] == h].set_index(x)
+        pos = [i + (j - (len(hs) - 1) / 2) * width for i, v in enumerate(xs) if v in sub.index]
+        vals = [sub.loc[v] for v in xs if v in sub.index]
+        ax.bar(pos, [r[f"{y}_mean"] for r in vals], width, yerr=[r[f"{y}_std"] for r in vals], color=c, label=h,
+               capsize=2)
+    if ref is not None:
+        ax.axhline(ref, color="k", ls="--", lw=1)
+    ax.set_xticks(range(len(xs)))
+    ax.set_xticklabels(xs)
     ax.set_ylabel(ylabel)
+    ax.set_ylim(0, None)
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=4, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def layer_entropy(layers, title: str = ""):
+    """Entropy per transformer layer (qvlm.analysis.entropy.layer_frame): pooled histogram (solid) and mean of
+    the layer's units (dashed), one colour per bit-width."""
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    first = layers[layers["bits"] == layers["bits"].min()].sort_values("pos")
+    _shade_parts(ax, list(first["part"]))
+    pal = sns.color_palette("viridis", layers["bits"].nunique())
+    for c, (b, g) in zip(pal, layers.groupby("bits", sort=True)):
+        g = g.sort_values("pos")
+        ax.plot(g["pos"], g["H_pooled_all"], marker="o", ms=3, color=c, label=f"{b}-bit, pooled")
+        ax.plot(g["pos"], g["H_mean_all"], ls="--", lw=1, color=c, label=f"{b}-bit, mean of units")
+    step = max(1, len(first) // 45)
+    ax.set_xticks(first["pos"].iloc[::step])
+    ax.set_xticklabels(first["layer"].iloc[::step], rotation=90, fontsize=8)
+    ax.set_ylim(0, None)
+    ax.set_ylabel("H(x_q) (nats)")
+    ax.set_title(title, pad=14)
+    ax.legend(fontsize=7, ncol=3, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def outlier_ratios(channels, title: str = ""):
+    """Per distinct linear input: max channel |x| over the median channel's (log scale), shaded by part."""
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    d = channels.reset_index(drop=True)
+    _shade_parts(ax, list(d["part"]))
+    ax.bar(range(len(d)), d["ratio"], color="tab:purple")
+    ax.set_yscale("log")
+    step = max(1, len(d) // 45)
+    ax.set_xticks(range(0, len(d), step))
+    ax.set_xticklabels(d["unit"].iloc[::step], rotation=90, fontsize=7)
+    ax.set_xlim(-0.5, len(d) - 0.5)
+    ax.set_ylabel("max / median channel |x|")
+    ax.set_title(title, pad=14)
     fig.tight_layout()
     return fig
 
@@ -215,5 +285,64 @@ def channel_absmax(profiles: dict, title: str = "", xlabel: str = "input channel
     ax.set_ylabel("max |x| over tokens")
     ax.set_title(title)
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def dependency_profile(per_edge, title: str = ""):
+    """Three stacked panels along the edges: H of the successor, Eq. 4's D, relative DED (mean +- std)."""
+    fig, axes = plt.subplots(3, 1, figsize=(10, 6.5), sharex=True)
+    x = np.arange(len(per_edge))
+    axes[0].plot(x, per_edge["H_next"], marker="o")
+    axes[0].set_ylabel("H(x_q) next (nats)")
+    axes[1].plot(x, per_edge["D"], marker="o", color="tab:orange")
+    axes[1].set_ylabel("Eq. 4 D (nats)")
+    m = per_edge["mean"] if "mean" in per_edge else per_edge["rel_ded"]
+    s = per_edge["std"].fillna(0) if "std" in per_edge else 0
+    axes[2].errorbar(x, m, yerr=s, marker="o", color="tab:green", capsize=2)
+    axes[2].axhline(0, color="k", lw=0.6)
+    axes[2].set_ylabel("relative DED")
+    for ax in axes[:2]:
+        ax.set_ylim(0, None)
+    labels = [f"{a}→{b.split('.')[-1]}" for a, b in zip(per_edge["unit"], per_edge["successor"])]
+    step = max(1, len(labels) // 40)
+    axes[2].set_xticks(x[::step])
+    axes[2].set_xticklabels(labels[::step], rotation=90, fontsize=8)
+    axes[0].set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def dependency_scatter(ded, fits: dict, title: str = ""):
+    """DED against H (left) and against Eq. 4's D (right), one colour per seed, the pooled fit in black."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, proxy, label in ((axes[0], "H", "H(x_q) of the successor (nats)"), (axes[1], "D", "Eq. 4 D (nats)")):
+        col = "H_next" if proxy == "H" else "D"
+        scatter_fit(ded, x=col, y="rel_ded", hue="seed", fits=fits[proxy], xlabel=label, ylabel="relative DED",
+                    title=f"DED ~ {proxy}", ax=ax)
+        f = fits[f"{proxy}_pooled"]
+        xs = np.linspace(float(ded[col].min()), float(ded[col].max()), 20)
+        ax.plot(xs, f["slope"] * xs + f["intercept"], color="k", ls="--", lw=1.2,
+                label=f"pooled: R²={f['r2']:.2f}, slope {f['slope']:+.2g}")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def before_after(df, x: str, cols: list[str], ylabel: str = "", title: str = ""):
+    """One line per column over the rows of df (e.g. a layer's entropy before / after VEO), parts shaded."""
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    if "part" in df:
+        _shade_parts(ax, list(df["part"]))
+    for c in cols:
+        ax.plot(range(len(df)), df[c], marker="o", ms=3, label=c)
+    step = max(1, len(df) // 45)
+    ax.set_xticks(range(0, len(df), step))
+    ax.set_xticklabels(df[x].iloc[::step], rotation=90, fontsize=8)
+    ax.set_ylim(0, None)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, pad=14)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

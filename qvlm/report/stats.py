@@ -14,7 +14,8 @@ import math
 
 import pandas as pd
 
-METRICS = ("accuracy", "wall_s", "cpu_s", "linear_passes", "block_passes", "peak_memory_bytes")
+METRICS = ("accuracy", "wall_s", "cpu_s", "linear_passes", "block_passes", "peak_memory_bytes", "n_blocks", "steps",
+           "veo_H_before", "veo_H_after")
 KEYS = ("variant", "method", "setting", "transform")
 
 
@@ -31,7 +32,9 @@ def summarize(rows: list[dict], metrics=METRICS, keys=KEYS) -> pd.DataFrame:
         key = key if isinstance(key, tuple) else (key,)
         rec = dict(zip(keys, key))
         for m in metrics:
-            vals = g[m].astype(float)
+            vals = g[m].dropna().astype(float)
+            if vals.empty:
+                continue
             rec[f"{m}_mean"] = float(vals.mean())
             rec[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
         rec["n_seeds"] = len(g)

