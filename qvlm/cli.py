@@ -19,7 +19,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from . import experiments, loading, methods
+from . import experiments, loading, methods, transforms
 from .config import SCOPES, CalibConfig, EvalConfig, QuantConfig, parse_settings
 from .core.checkpoint import QUANT_META, save_quantized
 from .data import load_split
@@ -90,6 +90,8 @@ def add_quant(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batch-size", type=int, default=c.batch_size)
     p.add_argument("--limit", type=int, default=EvalConfig().n_eval,
                    help="evaluate on the first N test samples only (0 = all)")
+    p.add_argument("--transform", default="none", choices=list(transforms.TRANSFORMS),
+                   help="equivalence transform applied to the FP model before the method (qvlm.transforms)")
 
 
 def _qcfg(args) -> QuantConfig:
@@ -138,11 +140,13 @@ def _quantize(args) -> int:
         raise QVLMError(f"{args.model} is already a quantized model", "quantize the FP checkpoint it was made from")
     model, processor = loading.load(args.model, device=args.device, dtype=args.dtype)
     row = experiments.run_one(model, processor, method.name, qcfg, args.seed, calib=calib, eval=_eval_cfg(args),
-                              knobs=knobs_from_args(args), model_name=args.model, progress=True, keep_model=True)
+                              knobs=knobs_from_args(args), model_name=args.model, progress=True, keep_model=True,
+                              transform=args.transform)
     qmodel = row.pop("model_object")
     used = QuantConfig(**row["info"]["quant_config"])          # what ran (the fp method keeps 16 bits)
     record = {k: row[k] for k in RESULT_KEYS}
     record.update(quant_config=dataclasses.asdict(used), calib=row["info"]["calib"], dataset=args.dataset,
+                  transform=row["info"]["transform"],
                   w_bits=used.w_bits, a_bits=used.a_bits, group_size=used.group_size, search_seconds=row["wall_s"],
                   per_category={k[4:]: v for k, v in row.items() if k.startswith("acc_")})
     base = args.model if args.model in loading.models.SHIPPED else str(Path(args.model).resolve())
@@ -163,7 +167,7 @@ def _run(args) -> int:
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     model, processor = loading.load(args.model, device=args.device, dtype=args.dtype)
     rows = experiments.grid(model, processor, names, settings, seeds, knobs=knobs_from_args(args),
-                            calib=_calib(args), eval=_eval_cfg(args), model_name=args.model)
+                            calib=_calib(args), eval=_eval_cfg(args), model_name=args.model, transform=args.transform)
     table = summarize([r for r in rows if "error" not in r])
     print(table.to_string(index=False))
     for r in rows:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import data as qdata
 from . import methods, transforms
 from .config import CalibConfig, EvalConfig, QuantConfig, parse_setting
+from .core.checkpoint import FINGERPRINT_ATTR, fingerprint
 from .core.cost import measure
 from .core.qlinear import QuantLinear, quant_linears
 from .deploy.layer import scheme
@@ -87,11 +88,13 @@ def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *,
     """Quantize a copy of the FP `model` once (calibration seed `seed`) and evaluate it; returns one row (module
     docstring). `samples` overrides the evaluation samples; `keep_model` adds the quantized model as row['model']."""
     qcfg = setting_of(setting)
+    transform = transform if transform != "none" else methods.get(method).transform    # quarot implies rotate
     calib = dataclasses.replace(calib or CalibConfig(), seed=seed)
     eval = eval or EvalConfig()
     samples = samples if samples is not None else eval_samples(eval)
     seed_everything(seed)
     m = copy.deepcopy(model)
+    setattr(m, FINGERPRINT_ATTR, fingerprint(m))         # before the transform: a saved model stores what it changed
     tr = transforms.apply(m, processor, transform, calib, dataset=eval.dataset)
     block_types = tuple({type(b.module) for b in llava.blocks(m)})
     with measure(llava.model_device(m), QuantLinear, block_types) as cost:
@@ -130,6 +133,13 @@ def run(model: nn.Module, processor, method: str, setting, seeds=(0,), **kw) -> 
     return [run_one(model, processor, method, setting, s, **kw) for s in seeds]
 
 
+def data_free(method: str, qcfg: QuantConfig, transform: str = "none") -> bool:
+    """True when a run does not depend on the calibration seed: a method that reads no calibration data, dynamic
+    activations, no data-traced transform (its rows for other seeds are copies of the first, marked replicated)."""
+    return (not methods.get(method).needs_data and methods.get(method).run is None and qcfg.a_granularity == "token"
+            and transform == "none")
+
+
 def variant(method: str, label: str = "", **knobs) -> dict:
     """One row label of a comparison: a method with its knobs (label defaults to the method's name)."""
     methods.get(method).make_config(**knobs)                     # a misspelt knob fails here, before any run
@@ -151,7 +161,11 @@ def grid(model: nn.Module, processor, method_names: list, settings: list, seeds=
     bar = tqdm(todo, desc="grid", disable=not progress)
     for qcfg, v in bar:
         bar.set_postfix_str(f"{qcfg.setting} {v['label']}")
+        first = None
         for seed in ([seeds[0]] if v["method"] == "fp" else seeds):
+            if first is not None and data_free(v["method"], qcfg, kw.get("transform", "none")):
+                rows.append(dict(first, seed=seed, replicated_from=first["seed"]))   # nothing random enters it
+                continue
             try:
                 row = run_one(model, processor, v["method"], qcfg, seed, knobs={**(knobs or {}), **v["knobs"]},
                               eval=eval, samples=samples, **kw)
@@ -159,6 +173,7 @@ def grid(model: nn.Module, processor, method_names: list, settings: list, seeds=
                 rows.append(dict(variant=v["label"], method=v["method"], setting=qcfg.setting, seed=seed,
                                  error=str(e)))
                 break
+            first = first or dict(variant=v["label"], **row)
             rows.append(dict(variant=v["label"], **row))
     return rows
 

@@ -10,6 +10,7 @@ Methods (one module each; knobs in a dataclass beside each, every default writte
     smoothquant  SmoothQuant (Xiao et al. 2023): migrate activation outliers into the weights, then RTN
     gptq         GPTQ (Frantar et al. 2023): Hessian-aware sequential weight rounding (+ activation quant)
     awq          AWQ (Lin et al. 2024): per-channel scale search on the block output + weight clip search
+    quarot       QuaRot (Ashkboos et al. 2024): the `rotate` transform, then GPTQ weights + RTN activations
     adaround     AdaRound (Nagel et al. 2020): learned rounding per layer (QDrop option)
     brecq        BRECQ (Li et al. 2021): learned rounding + activation step reconstructed per block
     qvlm         Q-VLM (Wang et al. 2024), the paper's method (pipeline in qvlm.method)
@@ -36,11 +37,12 @@ from ..data import calibration_set
 from ..errors import QVLMError
 from ..models import check_quant_config, llava
 from ..utils import seed_everything
-from . import adaround, awq, brecq, fp, gptq, qvlm, rtn, smoothquant
+from . import adaround, awq, brecq, fp, gptq, quarot, qvlm, rtn, smoothquant
 from .base import Method
 
 # Table order: the reference, the baselines from simplest to strongest, then the paper's method.
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (fp, rtn, smoothquant, gptq, awq, adaround, brecq, qvlm)}
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (fp, rtn, smoothquant, gptq, awq, quarot, adaround, brecq,
+                                                                  qvlm)}
 
 
 def register(method: Method) -> Method:
@@ -93,7 +95,8 @@ def quantize(model, processor, method: str = "rtn", qcfg: QuantConfig | None = N
     check_model(model, qcfg)
     check_quant_config(model, qcfg)
     _check_weights(model, qcfg)
-    setattr(model, FINGERPRINT_ATTR, fingerprint(model))    # so save_quantized stores only what the method changed
+    if not hasattr(model, FINGERPRINT_ATTR):                # taken before a transform when there is one (run_one):
+        setattr(model, FINGERPRINT_ATTR, fingerprint(model))  # save_quantized then stores what either changed
     seed_everything(calib_cfg.seed)
     static_acts = qcfg.a_bits < 16 and qcfg.a_granularity == "tensor"
     used_data = m.name != "fp" and (m.needs_data or static_acts or m.run is not None)

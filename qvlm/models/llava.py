@@ -102,8 +102,11 @@ def blocks(model: nn.Module, scope=SCOPES) -> list[Block]:
 def linear_layers(model: nn.Module, scope=SCOPES) -> list[LinearInfo]:
     """Every nn.Linear inside the scoped blocks, in forward order within each block.
 
-    Forward order inside a block is the order of first use, traced once with forward hooks on a tiny dummy
-    pass through the block; modules are otherwise listed in construction order (CLIP builds k before q)."""
+    Forward order inside a block is ranked by the linears' short names (`_CANONICAL`: attention inputs, attention
+    output, MLP), since construction order is not execution order (CLIP builds k before q); unknown names follow
+    in construction order. Checked against a traced forward (tests/unit/test_linear_order.py) for CLIP, LLaMA and
+    DINOv2, under transformers 5 names (q_proj / k_proj / v_proj / o_proj / fc1 / fc2) and 4.x names (query / key /
+    value / dense)."""
     out = []
     for blk in blocks(model, scope):
         lins = [(n, m) for n, m in blk.module.named_modules() if isinstance(m, nn.Linear)]
@@ -114,8 +117,11 @@ def linear_layers(model: nn.Module, scope=SCOPES) -> list[LinearInfo]:
 
 
 # Execution order of the linears of a standard block, by their short names (q/k/v read the same input).
-_CANONICAL = ["q_proj", "k_proj", "v_proj", "out_proj", "o_proj", "fc1", "fc2", "gate_proj", "up_proj",
-              "down_proj", "linear_1", "linear_2"]
+# DINOv2 / ViT under transformers 4.x name them attention.attention.{query,key,value}, attention.output.dense: without
+# those names here fc1 / fc2 would rank before the attention. ("dense" ties are kept in construction order, which is
+# execution order for ViT's attention.output.dense, intermediate.dense, output.dense.)
+_CANONICAL = ["q_proj", "k_proj", "v_proj", "query", "key", "value", "out_proj", "o_proj", "dense", "fc1", "fc2",
+              "gate_proj", "up_proj", "down_proj", "linear_1", "linear_2"]
 
 
 def _forward_order(block: nn.Module, linears: list) -> dict[int, int]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import (AddedToken, AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration,
+from transformers import (AddedToken, AutoTokenizer, CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaProcessor)
 from transformers.initialization import no_init_weights
 
@@ -121,7 +121,7 @@ def ensure_converted() -> Path:
 
 def build_processor(tokenizer) -> LlavaProcessor:
     """LlavaProcessor(DINOv2 normalisation at IMAGE_SIZE px, the SmolLM2 tokenizer with an <image> token)."""
-    ip = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                             image_mean=IMAGE_MEAN, image_std=IMAGE_STD, do_convert_rgb=True)
     return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=14,
                           vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,

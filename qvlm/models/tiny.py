@@ -2,7 +2,7 @@
 
     LlavaForConditionalGeneration = CLIP vision tower -> 2-layer GELU projector -> Llama decoder (GQA)
     tokenizer: a word-level PreTrainedTokenizerFast over the synthetic set's vocabulary
-    processor: LlavaProcessor(CLIPImageProcessor, tokenizer), saved with save_pretrained like llava-hf
+    processor: LlavaProcessor(CLIPImageProcessorPil, tokenizer), saved with save_pretrained like llava-hf
 
 Differences from LLaVA-1.5 are sizes only, plus `vision_feature_layer=-1` (LLaVA uses -2; with 4 CLIP layers we
 keep the last one in use so every vision linear matters for quantization).
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tok_models
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
 from ..data import LETTERS, INSTRUCTION, synthetic
@@ -40,7 +40,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_processor(tokenizer=None) -> LlavaProcessor:
     s = ARCH["image_size"]
-    ip = CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+    ip = CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
     return LlavaProcessor(image_processor=ip, tokenizer=tokenizer or build_tokenizer(), patch_size=ARCH["patch_size"],
                           vision_feature_select_strategy="default", image_token="<image>",
                           num_additional_image_tokens=1)

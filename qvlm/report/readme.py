@@ -1,10 +1,11 @@
 """Regenerate the README's results section from measured files: `python -m qvlm.report.readme`.
 
 Sources (each written by a command; nothing here is typed in by hand):
-    data/tiny/testbed.json       python -m qvlm.testbed.train && python -m qvlm.testbed.sensitivity
-    results/bench/accuracy.json  python -m bench.accuracy
-    results/metrics.json         make reproduce (every notebook in full mode)
-    results/07_reproduce_paper/full/metrics.json   make reproduce (notebook 07: the paper's claims, with verdicts)
+    data/smol/testbed.json, data/tiny/testbed.json   python -m qvlm.testbed.smol record / qvlm.testbed.sensitivity
+    results/metrics.json, results/seconds.json       make reproduce (every notebook in full mode)
+    results/published/                               make reproduce (executed notebooks + figures, committed)
+    results/bench/accuracy.md                        python -m bench.accuracy
+    tests/reference/smoke_seconds.json               make update-reference (each notebook's smoke run, timed)
 The block between `<!-- results:start -->` and `<!-- results:end -->` in README.md is replaced (atomically).
 """
 from __future__ import annotations
@@ -13,104 +14,112 @@ import json
 import re
 import sys
 
-from ..paths import REPO_ROOT, RESULTS_DIR, TINY_DIR
+from ..paths import REPO_ROOT, RESULTS_DIR
 from ..utils import atomic_write_text
-from .claims import claims_markdown, main_accuracy_table
+from .claims import claims_markdown
+from .publish import PUBLISHED
+from .stats import pm
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+KEY_FIGURES = ("00_testbed-outliers", "01_activation_entropy-layer_entropy", "02_cross_layer_dependency-entropy_vs_ded",
+               "03_block_partitioning-partition", "03_block_partitioning-accuracy_vs_cost_budget",
+               "04_encoder_disentangling-eta_sweep", "05_rounding_search-accuracy_by_method")
 
 
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
-def _train_minutes(rec: dict) -> float:
-    """Training time of a checkpoint and of every run it continued from (`previous` chain)."""
-    total = 0.0
-    while rec:
-        total += rec.get("train_seconds", 0.0)
-        rec = rec.get("previous")
-    return total / 60
+def _json(path):
+    return json.loads(path.read_text()) if path.exists() else None
 
 
-def testbed_section() -> list[str]:
-    path = TINY_DIR / "testbed.json"
-    if not path.exists():
-        return ["*No testbed record: run `python -m qvlm.testbed.train`.*", ""]
-    rec = json.loads(path.read_text())
-    fp = rec["fp_test"]
+def testbed_section(name: str) -> list[str]:
+    rec = _json(REPO_ROOT / "data" / name / "testbed.json")
+    if not rec or "fp_test" not in rec:
+        return [f"*No `{name}` record yet (`python -m qvlm.testbed.{name} record`): see data/{name}/README.md.*", ""]
+    fp, sens = rec["fp_test"], rec.get("sensitivity", {})
     cats = sorted(fp["per_category"])
-    sens = rec.get("sensitivity", {})
-    out = ["### The testbed (`data/tiny/testbed.json`)", "",
-           f"{rec['n_params'] / 1e6:.2f} M parameters, trained in {_train_minutes(rec):.0f} min on 2 CPU cores"
-           + (" (staged recipe plus a continued stage 3, see `previous`)" if rec.get("init") else "")
-           + f"; test n = {fp['n']}, chance {_pct(rec['chance_test'])} %.", "",
+    out = [f"### `{name}` (`data/{name}/testbed.json`)", "",
            "| model | overall | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats),
            "| FP | " + _pct(fp["accuracy"]) + " | " + " | ".join(_pct(fp["per_category"][c]) for c in cats) + " |", ""]
-    if rec.get("outliers"):
-        o = rec["outliers"]
-        out += [f"Outlier channels (`python -m qvlm.testbed.outliers`, FP-preserving): the largest-gain "
-                f"{o['frac']:.3g} of the channels of each of {len(o['norms'])} norms x{o['scale']:g}, the scale chosen "
-                "on the val split (see `data/README.md`).", ""]
     if sens:
-        out += ["Naive RTN (per-channel weights, per-token activations, vision + projector + LLM; "
-                "`python -m qvlm.testbed.sensitivity`):", "",
-                "| FP | RTN W8A8 | RTN W4A4 |", "|---|---|---|",
-                f"| {_pct(sens['fp'])} | {_pct(sens['rtn_w8a8'])} | {_pct(sens['rtn_w4a4'])} |", ""]
+        out += [f"Naive RTN on test (n = {sens['n']}; per-channel symmetric weights, per-token activations, vision + "
+                "projector + LLM), without and with the norm gains folded into the reading linears:", "",
+                "| FP | RTN W8A8 | RTN W4A4 | RTN W8A8, folded | RTN W4A4, folded |", "|---|---|---|---|---|",
+                f"| {_pct(sens['fp'])} | {_pct(sens['rtn_w8a8'])} | {_pct(sens['rtn_w4a4'])} | "
+                f"{_pct(sens.get('rtn_w8a8_fold'))} | {_pct(sens.get('rtn_w4a4_fold'))} |", ""]
     return out
 
 
 def claims_section() -> list[str]:
-    """The paper's claims with our full-mode numbers and verdicts (notebook 07), or how to produce them."""
-
-    path = RESULTS_DIR / "07_reproduce_paper" / "full" / "metrics.json"
-    head = "### The paper's claims on the testbed (`notebooks/07_reproduce_paper.ipynb`, full mode)"
-    if not path.exists():
-        return [head, "", "*No full-mode claims table yet: run `make reproduce` (writes "
-                "`results/07_reproduce_paper/full/metrics.json`), then `python -m qvlm.report.readme`.*", ""]
-    m = json.loads(path.read_text())
+    m = _json(RESULTS_DIR / "07_reproduce_paper" / "full" / "metrics.json")
+    head = "### The paper's claims (`notebooks/07_reproduce_paper.ipynb`, full mode)"
+    if not m:
+        return [head, "", "*No full-mode claims table yet: run `make reproduce`, then `python -m qvlm.report.readme`.*", ""]
     counts = m["metrics"].get("verdict_counts", {})
-    return [head, "", f"Model `{m['config']['model']}`; " + ", ".join(f"{n} {v}" for v, n in counts.items())
-            + f". Thresholds: `qvlm/claims.py`. Sources: `results/<notebook>/full/`.", "",
-            claims_markdown(m["metrics"]["claims"]), ""]
-
-
-def _markdown(df) -> str:
-    """A small DataFrame (index included) as a markdown table, numbers to one decimal."""
-    d = df.reset_index()
-    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)         # noqa: E731
-    return "\n".join(["| " + " | ".join(map(str, d.columns)) + " |", "|" + "---|" * len(d.columns)]
-                     + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in d.itertuples(index=False)])
+    return [head, "", f"Model `{m['config']['model']}`, preset `{m['config'].get('preset')}`; "
+            + ", ".join(f"{n} {v}" for v, n in counts.items())
+            + ". Thresholds and verdict rules: `qvlm/report/claims.py`.", "", claims_markdown(m["metrics"]["claims"]), ""]
 
 
 def main_table_section() -> list[str]:
-    """The main accuracy table (methods x settings x categories, %) from results/metrics.json (notebook 05, full)."""
+    m = (_json(RESULTS_DIR / "metrics.json") or {}).get("05_rounding_search")
+    head = "### Main table: accuracy %, mean ± std over calibration seeds (`results/metrics.json`, notebook 05)"
+    if not m or not m.get("summary"):
+        return [head, "", "*Not measured yet: run `make reproduce`.*", ""]
+    rows = m["summary"]
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    by = {(r["variant"], r["setting"]): r for r in rows}
+    lines = [f"FP {_pct(m['fp_accuracy'])} %.", "", "| method | " + " | ".join(settings) + " | W4A4 CPU s |",
+             "|---|" + "---|" * (len(settings) + 1)]
+    for n in names:
+        cells = [pm((by[(n, s)]["accuracy_mean"], by[(n, s)]["accuracy_std"])) if (n, s) in by else "–" for s in settings]
+        c = by.get((n, "W4A4"))
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {c['cpu_s_mean']:.0f} |" if c else f"| {n} | " + " | ".join(cells) + " | – |")
+    return [head, ""] + lines + [""]
 
-    path = RESULTS_DIR / "metrics.json"
-    head = "### Main table: every method x setting on the testbed test split, % (`results/metrics.json`, notebook 05)"
-    m05 = json.loads(path.read_text()).get("05_rounding_search") if path.exists() else None
-    table = main_accuracy_table({"metrics": m05}) if m05 else None
-    if table is None or table.empty:
-        return [head, "", "*Not measured yet: run `make reproduce`, then `python -m qvlm.report.readme`.*", ""]
-    return [head, "", _markdown(table), ""]
+
+def figures_section() -> list[str]:
+    man = _json(PUBLISHED / "manifest.json")
+    if not man:
+        return []
+    figs = [f for e in man["notebooks"].values() for f in e["figures"] if any(k in f for k in KEY_FIGURES)]
+    out = ["### Key figures (`results/published/`, executed notebooks beside them)", "",
+           f"Published from commit `{man['git_commit'][:10]}` on {man['date']}; "
+           "`python -m qvlm.report.publish --check` says whether they are current.", ""]
+    out += [f"![{f}](results/published/{f})" for f in figs]
+    return out + [""]
+
+
+def runtime_section() -> list[str]:
+    smoke = _json(REPO_ROOT / "tests" / "reference" / "smoke_seconds.json") or {}
+    full = _json(RESULTS_DIR / "seconds.json") or {}
+    if not smoke and not full:
+        return []
+    stems = sorted(set(smoke) | set(full))
+    out = ["### Runtime per notebook (2 CPU cores)", "", "| notebook | smoke (tiny), s | full (CPU preset), s |",
+           "|---|---|---|"]
+    out += [f"| `{s}` | {smoke.get(s, '–')} | {full.get(s, '–')} |" for s in stems]
+    if full:
+        out += ["", f"`make reproduce` total: {sum(full.values()) / 60:.0f} min."]
+    return out + [""]
 
 
 def bench_section() -> list[str]:
     path = RESULTS_DIR / "bench" / "accuracy.md"
     if not path.exists():
-        return ["*No accuracy benchmark stored yet: `python -m bench.accuracy` writes `results/bench/accuracy.md`.*", ""]
-    return ["### Every method × bit-width on the testbed (`python -m bench.accuracy`)", "",
-            "Same harness as the main table, other settings: `CalibConfig` defaults (calibration batch 16) and each "
-            "method's default step count, where notebook 05 uses batch 32 and 200 steps; at W4A4 the collapsing "
-            "methods (RTN-like GPTQ, AdaRound) move by a few points with such changes.", "",
-            path.read_text().strip(), ""]
+        return []
+    return ["### Every method × setting (`python -m bench.accuracy`)", "", path.read_text().strip(), ""]
 
 
 def render() -> str:
     lines = [START, "## Results", "",
              "Generated by `python -m qvlm.report.readme` from the files named in each heading; every number comes from "
              "the command given there.", ""]
-    lines += claims_section() + main_table_section() + testbed_section() + bench_section()
+    lines += (claims_section() + main_table_section() + figures_section() + testbed_section("smol")
+              + testbed_section("tiny") + runtime_section() + bench_section())
     return "\n".join(lines + [END])
 
 
@@ -120,8 +129,7 @@ def main() -> int:
     if START not in text or END not in text:
         print("README.md lacks the results markers", file=sys.stderr)
         return 2
-    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: render(), text, flags=re.S)
-    atomic_write_text(readme, new)
+    atomic_write_text(readme, re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: render(), text, flags=re.S))
     print("README results section regenerated")
     return 0
 

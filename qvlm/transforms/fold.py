@@ -26,9 +26,10 @@ def is_norm(m: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def norm_linear_pairs(model: nn.Module, batch: dict) -> list[tuple[str, nn.Module, list[nn.Linear]]]:
+def norm_linear_pairs(model: nn.Module, batch: dict, include_head: bool = False
+                      ) -> list[tuple[str, nn.Module, list[nn.Linear]]]:
     """[(norm name, norm, [linears reading exactly its output])] in forward order, traced on one batch of model
-    inputs; the lm_head (kept FP) is excluded."""
+    inputs; the lm_head (kept FP) is excluded unless `include_head`."""
     produced, readers, order, handles = {}, {}, [], []
     names = {id(m): n for n, m in model.named_modules()}
     lm_head = model.get_output_embeddings()
@@ -42,7 +43,7 @@ def norm_linear_pairs(model: nn.Module, batch: dict) -> list[tuple[str, nn.Modul
     for _, m in model.named_modules():
         if is_norm(m) and getattr(m, "weight", None) is not None:
             handles.append(m.register_forward_hook(on_norm))
-        elif isinstance(m, nn.Linear) and m is not lm_head:
+        elif isinstance(m, nn.Linear) and (include_head or m is not lm_head):
             handles.append(m.register_forward_pre_hook(on_linear))
     try:
         model(**batch)

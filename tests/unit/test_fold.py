@@ -7,32 +7,20 @@ import copy
 
 import pytest
 import torch
-from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from random_llava import dinov2_llava
 
 from qvlm import data, models
 from qvlm.core.hooks import model_inputs
 from qvlm.testbed.outliers import inject, input_absmax
 from qvlm.transforms import apply as apply_transform
-from qvlm.transforms.fold import fold_norms, is_norm
+from qvlm.transforms.fold import fold_norms
 
 RTOL = 1e-4
 
 
 def _dinov2_llava():
-    torch.manual_seed(0)
-    vc = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                      image_size=28, patch_size=14)
-    tc = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-                     num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_index=99,
-                                                      vision_feature_layer=-1, image_seq_length=4)).eval()
-    for m in model.modules():                       # non-trivial gains and biases, as in a trained model
-        if is_norm(m):
-            m.weight.data.uniform_(0.5, 2.0)
-            if getattr(m, "bias", None) is not None:
-                m.bias.data.normal_(0, 0.1)
-    batch = dict(input_ids=torch.tensor([[1, 99, 99, 99, 99, 5, 6, 7]] * 2), pixel_values=torch.randn(2, 3, 28, 28))
-    return model, batch
+    return dinov2_llava()
 
 
 def _tiny():

@@ -1,0 +1,125 @@
+"""Hadamard matrices of the sizes real models use, randomised, and the fast Walsh-Hadamard transform (the torch
+reference of an online rotation).
+
+    hadamard_matrix(n)          (n, n) entries +-1, H H^T = n I; n = 2^k, or a product of Paley orders and 2^k
+    random_hadamard(n, seed)    H diag(s) / sqrt(n) with random signs s: orthogonal, seeded (QuaRot's rotation)
+    fwht(x)                     x @ H_n / sqrt(n) along the last dim, in O(n log n) for the power-of-two factor
+
+Sizes that are not a power of two (SmolLM2's hidden 576 = 12 x 12 x 4, its MLP 1536 = 12 x 128) use the Kronecker
+product of Hadamard matrices, which is again a Hadamard matrix: H_{ab} = H_a (x) H_b. The non-power-of-two factors
+come from Paley's first construction: for a prime q = 3 (mod 4), the order-(q + 1) matrix built from the quadratic
+residues mod q (12 from q = 11, 20 from 19, 24 from 23, 44 from 43, ...).
+
+References: QuaRot (Ashkboos et al. 2024) `hadamard_utils.py` (get_hadK: Kronecker of a stored H_12 / H_20 / ... and
+a power-of-two FWHT); Paley, "On orthogonal matrices" (1933).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ..errors import QVLMError
+
+_PALEY_PRIMES = (3, 7, 11, 19, 23, 31, 43, 47, 59, 67, 71, 79, 83)   # q = 3 mod 4: orders q + 1
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+@functools.lru_cache(maxsize=None)
+def _paley(q: int) -> torch.Tensor:
+    """Paley I: order q + 1 from the quadratic character chi mod a prime q = 3 (mod 4)."""
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = lambda a: 0 if a % q == 0 else (1 if a % q in residues else -1)        # noqa: E731
+    s = torch.tensor([[chi(j - i) for j in range(q)] for i in range(q)], dtype=torch.float64)   # skew: S^T = -S
+    c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    c[0, 1:], c[1:, 0], c[1:, 1:] = 1, -1, s
+    return c + torch.eye(q + 1, dtype=torch.float64)                              # I + C, C skew conference
+
+
+@functools.lru_cache(maxsize=None)
+def factors(n: int) -> tuple[int, ...]:
+    """(m_1, ..., 2^k): Paley orders and a power of two whose product is n, or () if none is known."""
+    if _is_pow2(n):
+        return (n,)
+    for q in _PALEY_PRIMES:
+        m = q + 1
+        if n % m == 0 and not _is_pow2(m):
+            rest = factors(n // m)
+            if rest:
+                return (m,) + rest
+    return ()
+
+
+@functools.lru_cache(maxsize=None)
+def _base(m: int) -> torch.Tensor:
+    return _sylvester(m) if _is_pow2(m) else _paley(m - 1)
+
+
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """(n, n) float64 Hadamard matrix (entries +-1, H H^T = n I) via Kronecker products (module docstring)."""
+    fs = factors(n)
+    if not fs:
+        raise QVLMError(f"no Hadamard matrix of order {n} is known here (not 2^k times a Paley order)",
+                        "rotate with an orthogonal matrix instead (--transform rotate with kind='orthogonal')")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    for m in fs:
+        h = torch.kron(h, _base(m))
+    return h
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+
+
+def random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """diag(s) H / sqrt(n) with random signs s (seeded): orthogonal, every entry +-1/sqrt(n) (QuaRot)."""
+    return random_signs(n, seed)[:, None] * hadamard_matrix(n) / math.sqrt(n)
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """A Haar-random orthogonal matrix (QR of a Gaussian with the sign fix), seeded: for any n."""
+    g = torch.Generator().manual_seed(int(seed))
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """x @ hadamard_matrix(n) / sqrt(n) along the last dim (n = x.shape[-1]); the power-of-two factor by butterflies
+    (log2 steps of adds), the Paley factors by a small matmul. Same dtype as x."""
+    n = x.shape[-1]
+    fs = factors(n)
+    if not fs:
+        hadamard_matrix(n)                                  # raises the one-line error
+    lead = x.shape[:-1]
+    y = x.reshape(-1, *fs)                                  # index (i_1, ..., i_k): row-major = Kronecker order
+    for axis, m in enumerate(fs, start=1):
+        if _is_pow2(m):
+            y = _butterflies(y, axis, m)
+        else:
+            y = torch.movedim(torch.movedim(y, axis, -1) @ _base(m).to(y.dtype), -1, axis)
+    return (y / math.sqrt(n)).reshape(*lead, n)
+
+
+def _butterflies(y: torch.Tensor, axis: int, m: int) -> torch.Tensor:
+    """Sylvester H_m applied along `axis` of y: log2(m) stages of (a + b, a - b)."""
+    y = torch.movedim(y, axis, -1)
+    shape = y.shape
+    h = 1
+    while h < m:
+        y = y.reshape(*shape[:-1], m // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack([a + b, a - b], dim=-2)
+        h *= 2
+    return torch.movedim(y.reshape(shape), -1, axis)

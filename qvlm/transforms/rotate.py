@@ -1,0 +1,127 @@
+"""`rotate`: a QuaRot-style orthogonal rotation of the LLM's residual stream, fused offline into the weights -- an
+exact, FP-preserving rewrite that spreads outlier channels over all channels before any method quantizes.
+
+With every RMSNorm gain folded into the linears that read it (`fold`), RMSNorm commutes with an orthogonal Q:
+rms(h Q) = rms(h), so RMSNorm(h Q) = RMSNorm(h) Q. Rotating the residual stream h -> h Q then only rewrites weights:
+
+    embeddings      E  -> E Q                  (token rows enter the stream rotated)
+    projector out   W  -> Q^T W, b -> b Q      (image tokens enter the stream rotated)
+    readers         W  -> W Q                  (q, k, v, gate, up: read RMSNorm(h) Q)
+    writers         W  -> Q^T W, b -> b Q      (o_proj, down_proj: add to the stream)
+    lm_head         W  -> W diag(g) Q          (reads the final RMSNorm, gain g folded; UNTIED from E if tied)
+
+so the logits are unchanged up to float rounding (tests/unit/test_rotate.py). What changes is what the readers'
+activation quantizers see: RMSNorm(h) Q, where one huge channel is spread as +-x/sqrt(d) over all d channels.
+
+Q = diag(s) H / sqrt(d): a Hadamard matrix with random signs (qvlm.transforms.hadamard, Kronecker construction for
+d = 576 = 12 x 12 x 4), seeded (the seed is the calibration seed, recorded); `kind="orthogonal"`: a Haar-random
+orthogonal matrix instead (any d).
+
+Found by tracing, not names: readers = linears reading a norm's output inside the LLM layers, the lm_head's norm;
+writers = the other linears of an LLM layer whose output width is the stream's width (checked: the FP logits must
+not move); the projector's writer = its last linear in forward order.
+
+Not rotated here (documented limits): the vision tower (its LayerNorm subtracts the mean, which a rotation does not
+commute with; SliceGPT's LayerNorm -> RMSNorm conversion would be needed), the attention heads (QuaRot's per-head
+Hadamard on v / o) and the down_proj input (QuaRot's online Hadamard, a run-time FWHT). The residual rotation alone
+is SpinQuant's R1.
+
+References: QuaRot (Ashkboos et al. 2024) `rotation_utils.py::rotate_embeddings, rotate_attention_inputs,
+rotate_mlp_output, rotate_head`; SpinQuant (Liu et al. 2024) R1.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import QVLMError
+from ..models import llava
+from .fold import fold_norms, is_norm, norm_linear_pairs
+from .hadamard import random_hadamard, random_orthogonal
+
+KINDS = ("hadamard", "orthogonal")
+
+
+def _check_rms(norm: nn.Module, name: str) -> None:
+    if not type(norm).__name__.endswith("RMSNorm"):
+        raise QVLMError(f"rotate needs RMSNorm in the LLM, found {type(norm).__name__} at {name}",
+                        "use --transform fold (a LayerNorm does not commute with a rotation)")
+
+
+@torch.no_grad()
+def _rotate_in(lin: nn.Linear, q: torch.Tensor) -> None:           # W -> W Q
+    lin.weight.copy_((lin.weight.double() @ q).to(lin.weight.dtype))
+
+
+@torch.no_grad()
+def _rotate_out(lin: nn.Linear, q: torch.Tensor) -> None:          # W -> Q^T W, b -> b Q
+    lin.weight.copy_((q.T @ lin.weight.double()).to(lin.weight.dtype))
+    if lin.bias is not None:
+        lin.bias.copy_((lin.bias.double() @ q).to(lin.bias.dtype))
+
+
+@torch.no_grad()
+def _final_norm(model: nn.Module, batch: dict) -> tuple[str, nn.Module] | None:
+    """(name, norm) whose output is the language model's last hidden state (what the lm_head reads), traced."""
+    produced, seen = {}, {}
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def on_norm(mod, a, y):                   # returns None: a hook's return value would replace the output
+        produced.setdefault(id(y), (mod, y))
+
+    def on_llm(mod, a, out):
+        seen.setdefault("h", out[0] if isinstance(out, tuple) else out.last_hidden_state)
+
+    handles = [m.register_forward_hook(on_norm) for m in model.modules() if is_norm(m)]
+    handles.append(llava.parts(model)["llm"].module.register_forward_hook(on_llm))
+    try:
+        model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    hit = produced.get(id(seen.get("h")))
+    return (names[id(hit[0])], hit[0]) if hit is not None and hit[1] is seen["h"] else None
+
+
+@torch.no_grad()
+def rotate_residual(model: nn.Module, batch: dict, seed: int = 0, kind: str = "hadamard") -> dict:
+    """Fold the norms, then rotate the LLM residual stream by Q, IN PLACE (module docstring). Returns its record."""
+    if kind not in KINDS:
+        raise QVLMError(f"unknown rotation kind {kind!r}", f"use one of {', '.join(KINDS)}")
+    fold_norms(model, batch)
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    d = emb.weight.shape[1]
+    q = random_hadamard(d, seed) if kind == "hadamard" else random_orthogonal(d, seed)
+    llm_lins = {id(i.module): i for i in llava.linear_layers(model, ("llm",))}
+    readers, head_norm = set(), _final_norm(model, batch)
+    for name, norm, lins in norm_linear_pairs(model, batch):
+        if any(id(lin) in llm_lins for lin in lins):
+            _check_rms(norm, name)
+            readers |= {id(lin) for lin in lins if id(lin) in llm_lins}
+    if head_norm is None:
+        raise QVLMError("rotate: no norm feeding the lm_head was traced", "rotate applies to LLaMA-style decoders")
+    _check_rms(head_norm[1], head_norm[0])
+    writers = [i.module for i in llm_lins.values() if id(i.module) not in readers and i.module.out_features == d]
+    proj = [i.module for i in llava.linear_layers(model, ("projector",))]
+    if not proj or proj[-1].out_features != d:
+        raise QVLMError("rotate: the projector's last linear does not write the LLM's width",
+                        "rotate applies to LLaVA-architecture models")
+    g = head_norm[1].weight.double()
+    w_head = head.weight.double() * g[None, :]                      # fold the final norm's gain into the head
+    tied = head.weight is emb.weight
+    emb.weight.copy_((emb.weight.double() @ q).to(emb.weight.dtype))
+    head.weight = nn.Parameter((w_head @ q).to(emb.weight.dtype), requires_grad=False)   # untied (or replaced)
+    head_norm[1].weight.fill_(1.0)
+    if tied:
+        for cfg in (model.config, getattr(model.config, "text_config", None)):
+            if cfg is not None:
+                cfg.tie_word_embeddings = False
+    for i in llm_lins.values():
+        if id(i.module) in readers:
+            _rotate_in(i.module, q)
+    for lin in writers:
+        _rotate_out(lin, q)
+    _rotate_out(proj[-1], q)
+    return dict(kind=kind, seed=int(seed), dim=d, n_readers=len(readers), n_writers=len(writers) + 1,
+                untied_lm_head=tied)
