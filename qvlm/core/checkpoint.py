@@ -48,11 +48,6 @@ FINGERPRINT_ATTR = "_qvlm_fp_fingerprint"   # set on the model by qvlm.methods.q
 
 
 @torch.no_grad()
-def _tied(model: nn.Module) -> bool:
-    head = model.get_output_embeddings()
-    return head is not None and head.weight is model.get_input_embeddings().weight
-
-
 def fingerprint(model: nn.Module) -> dict[str, tuple]:
     """{state-dict key: (sum, sum of squares, position-weighted sum)} in float64: a cheap per-tensor checksum that
     tells, at save time, which FP tensors a method changed (smoothing folds into norms, VEO trains the vision tower)."""
@@ -104,7 +99,7 @@ def save_quantized(model: nn.Module, qcfg: QuantConfig, method_info: dict, out_d
                 quant_config=dataclasses.asdict(qcfg), method=method_info,
                 dtype=str(llava.model_dtype(model)).replace("torch.", ""),
                 linears={name: m.spec() for name, m in qls}, shared_act=shared_groups(qls),
-                tied_embeddings=_tied(model))
+                tied_embeddings=llava.tied_embeddings(model))
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / QUANT_TENSORS))
         if base is None:
@@ -170,12 +165,8 @@ def load_quantized(path, device: str = "cpu", dtype: str = "float32"):
         set_module(model, name, ql)
     for group in meta.get("shared_act", []):                      # one activation quantizer per input tensor
         share_act_quantizer([model.get_submodule(n) for n in group])
-    if _tied(model) and not meta.get("tied_embeddings", True):    # a transform untied them (rotate: lm_head != E)
-        head = model.get_output_embeddings()
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        for cfg in (model.config, getattr(model.config, "text_config", None)):
-            if cfg is not None:
-                cfg.tie_word_embeddings = False
+    if llava.tied_embeddings(model) and not meta.get("tied_embeddings", True):   # a transform untied them (rotate)
+        llava.untie_lm_head(model)
     sd_dtype = llava.model_dtype(model)
     missing, unexpected = model.load_state_dict({k: v.to(sd_dtype) if v.is_floating_point() else v
                                                  for k, v in tensors.items()}, strict=False)

@@ -131,6 +131,22 @@ def _forward_order(block: nn.Module, linears: list) -> dict[int, int]:
     return rank
 
 
+def tied_embeddings(model: nn.Module) -> bool:
+    """True when the lm_head shares its weight with the input embeddings (SmolLM2, tiny builds may)."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def untie_lm_head(model: nn.Module, weight: torch.Tensor | None = None) -> None:
+    """Give the lm_head its own weight (`weight`, default a copy of the shared one) and mark the configs untied, so
+    that a transform can change the head without changing the embeddings."""
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter((head.weight if weight is None else weight).detach().clone(), requires_grad=False)
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None:
+            cfg.tie_word_embeddings = False
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 

@@ -148,6 +148,17 @@ def align_projector(proj: nn.Module, feats: torch.Tensor, targets: torch.Tensor,
     return dict(loss=float(loss), cosine=float(cos), steps=steps)
 
 
+def _decoder_hidden(model, batch: dict, feats: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) last hidden states of the decoder for tokenized `batch`, the projected precomputed vision features
+    `feats` (B, n_img, C_vision) written at the image-token positions (what LlavaModel does with pixel_values)."""
+    lm = model.model.language_model
+    emb = lm.embed_tokens(batch["input_ids"])                                       # (B, T, C)
+    img = model.model.multi_modal_projector(feats)                                  # (B, n_img, C)
+    mask = (batch["input_ids"] == model.config.image_token_id)[..., None]
+    emb = emb.masked_scatter(mask.expand_as(emb), img.to(emb.dtype))
+    return lm(inputs_embeds=emb, attention_mask=batch["attention_mask"]).last_hidden_state
+
+
 def _caption_loss(model, processor, feats: torch.Tensor, samples: list[dict]) -> torch.Tensor:
     """Next-token cross-entropy of each scene's caption ('top left small red circle ; ...') after CAPTION_PROMPT:
     a dense signal that teaches the projector to write tokens the decoder can read (LLaVA's stage-1 idea)."""
@@ -161,25 +172,14 @@ def _caption_loss(model, processor, feats: torch.Tensor, samples: list[dict]) ->
     for i in range(len(samples)):                        # left padding: the prompt starts after the pads
         start = int((b["attention_mask"][i] == 0).sum())
         labels[i, : start + n_prompt] = -100
-    lm = model.model.language_model
-    emb = lm.embed_tokens(b["input_ids"])
-    img = model.model.multi_modal_projector(feats)
-    mask = (b["input_ids"] == model.config.image_token_id)[..., None]
-    emb = emb.masked_scatter(mask.expand_as(emb), img.to(emb.dtype))
-    h = lm(inputs_embeds=emb, attention_mask=b["attention_mask"]).last_hidden_state
-    logits = model.lm_head(h[:, :-1])
+    logits = model.lm_head(_decoder_hidden(model, b, feats)[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
 def _step_loss(model, processor, feats: torch.Tensor, samples: list[dict]) -> torch.Tensor:
     """Cross-entropy of each answer letter at the answer position, from precomputed vision features."""
     b = qdata.collate(samples, processor)
-    lm = model.model.language_model
-    emb = lm.embed_tokens(b["input_ids"])                                           # (B, T, C)
-    img = model.model.multi_modal_projector(feats)                                  # (B, n_img, C)
-    mask = (b["input_ids"] == model.config.image_token_id)[..., None]
-    emb = emb.masked_scatter(mask.expand_as(emb), img.to(emb.dtype))
-    h = lm(inputs_embeds=emb, attention_mask=b["attention_mask"]).last_hidden_state
+    h = _decoder_hidden(model, b, feats)
     logits = model.lm_head(h[torch.arange(len(samples)), b["last"]])                # (B, V)
     letters = torch.tensor(qdata.letter_token_ids(processor.tokenizer, len(qdata.LETTERS)))
     target = letters[torch.tensor([s["answer"] for s in samples])]

@@ -109,14 +109,10 @@ def rotate_residual(model: nn.Module, batch: dict, seed: int = 0, kind: str = "h
                         "rotate applies to LLaVA-architecture models")
     g = head_norm[1].weight.double()
     w_head = head.weight.double() * g[None, :]                      # fold the final norm's gain into the head
-    tied = head.weight is emb.weight
+    tied = llava.tied_embeddings(model)
     emb.weight.copy_((emb.weight.double() @ q).to(emb.weight.dtype))
-    head.weight = nn.Parameter((w_head @ q).to(emb.weight.dtype), requires_grad=False)   # untied (or replaced)
+    llava.untie_lm_head(model, (w_head @ q).to(emb.weight.dtype))           # untied (or replaced)
     head_norm[1].weight.fill_(1.0)
-    if tied:
-        for cfg in (model.config, getattr(model.config, "text_config", None)):
-            if cfg is not None:
-                cfg.tie_word_embeddings = False
     for i in llm_lins.values():
         if id(i.module) in readers:
             _rotate_in(i.module, q)
