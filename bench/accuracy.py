@@ -33,7 +33,8 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS,
         preset="cpu", budget="auto", n_eval=-1, transform="none", device="cpu", progress=True) -> dict:
     """Quantize + evaluate every (method, setting, seed); returns the JSON-able results."""
     cfg = resolve(mode, preset=preset, model=model_name, dataset=dataset, n_eval=n_eval, notebook="bench")
-    names = [methods.get(n).name for n in (method_names or [m for m in methods.METHODS if m != "fp"])]
+    default = [m for m in methods.METHODS if m != "fp"] + [experiments.BEYOND_PAPER]
+    names = [experiments.variant(n)["label"] for n in (method_names or default)]
     seeds = seeds or cfg.seeds
     model, processor = loading.load(model_name, device=device)
     n_layers = len(llava.blocks(model))

@@ -201,7 +201,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--split", default=EvalConfig().split, choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, default=EvalConfig().n_eval, help="first N samples only (0 = all)")
     p.set_defaults(func=_eval)
-    chosen = [n for n in _selected_methods(argv) if n in methods.METHODS]
+    chosen = [n.split("+")[0] for n in _selected_methods(argv) if n.split("+")[0] in methods.METHODS]  # qvlm+rotate
     p = sub.add_parser("quantize", help="quantize a model with a method, evaluate on test, save it")
     add_common(p)
     add_quant(p)
@@ -212,7 +212,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="methods x settings x seeds with the experiment runner; mean +- std table")
     add_common(p)
     add_quant(p)
-    p.add_argument("--methods", default="rtn", help=f"comma-separated, from {', '.join(methods.METHODS)}")
+    p.add_argument("--methods", default="rtn", help=f"comma-separated, from {', '.join(methods.METHODS)}; "
+                   "METHOD+TRANSFORM runs a method on its own transform (e.g. qvlm+rotate)")
     p.add_argument("--settings", default="W4A4", help="comma-separated WxAy[Gg] labels, e.g. W4A4,W6A6,W4A16G32")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated calibration seeds")
     add_method_knobs(p, chosen or ["rtn"])
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
             methods.get(args.method)                # unknown method: one line, before anything is loaded
         if args.cmd == "run":
             for n in args.methods.split(","):
-                methods.get(n)
+                experiments.variant(n)              # a method, or method+transform (qvlm+rotate)
         return args.func(args)
     except QVLMError as e:
         print(f"qvlm: error: {e}", file=sys.stderr)

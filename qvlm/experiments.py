@@ -16,18 +16,21 @@ Each call quantizes a fresh deep copy of the FP model, so the FP model is never 
     with deploy=True: packed_acc, agreement, layer_max_rel_err, scheme  (the packed model on the same samples)
 
 `summarize(rows)` (qvlm.report.stats) turns per-seed rows into mean +- std per (method, setting).
+`transform_outliers(...)` is the outlier picture (qvlm.analysis.outliers) of the FP model after each transform.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as qdata
 from . import methods, transforms
+from .analysis.outliers import activation_outliers
 from .config import CalibConfig, EvalConfig, QuantConfig, parse_setting
 from .core.checkpoint import FINGERPRINT_ATTR, fingerprint
 from .core.cost import measure
@@ -95,7 +98,7 @@ def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *,
     seed_everything(seed)
     m = copy.deepcopy(model)
     setattr(m, FINGERPRINT_ATTR, fingerprint(m))         # before the transform: a saved model stores what it changed
-    tr = transforms.apply(m, processor, transform, calib, dataset=eval.dataset)
+    tr = transforms.apply(m, processor, transform, calib, dataset=eval.dataset, qcfg=qcfg)
     block_types = tuple({type(b.module) for b in llava.blocks(m)})
     with measure(llava.model_device(m), QuantLinear, block_types) as cost:
         m, info = methods.quantize(m, processor, method, qcfg, calib, dataset=eval.dataset, progress=progress,
@@ -140,10 +143,20 @@ def data_free(method: str, qcfg: QuantConfig, transform: str = "none") -> bool:
             and transform == "none")
 
 
-def variant(method: str, label: str = "", **knobs) -> dict:
-    """One row label of a comparison: a method with its knobs (label defaults to the method's name)."""
+BEYOND_PAPER = "qvlm+rotate"     # this repository's variant beyond the paper: Q-VLM on the QuaRot rotation
+
+
+def variant(method: str, label: str = "", transform: str | None = None, **knobs) -> dict:
+    """One row label of a comparison: a method with its knobs (label defaults to the method's name) and optionally
+    its own transform; "qvlm+rotate" spells method qvlm on the rotate transform."""
+    spelled = method
+    if "+" in method:
+        method, transform = method.split("+", 1)
+    if transform is not None and transform not in transforms.TRANSFORMS:
+        raise QVLMError(f"unknown transform {transform!r} in {spelled!r}",
+                        f"use one of {', '.join(transforms.TRANSFORMS)}, e.g. qvlm+rotate")
     methods.get(method).make_config(**knobs)                     # a misspelt knob fails here, before any run
-    return dict(label=label or method, method=method, knobs=knobs)
+    return dict(label=label or spelled, method=method, knobs=knobs, transform=transform)
 
 
 def grid(model: nn.Module, processor, method_names: list, settings: list, seeds=(0,), *,
@@ -162,13 +175,14 @@ def grid(model: nn.Module, processor, method_names: list, settings: list, seeds=
     for qcfg, v in bar:
         bar.set_postfix_str(f"{qcfg.setting} {v['label']}")
         first = None
+        vkw = {**kw, "transform": v.get("transform") or kw.get("transform", "none")}    # a variant's own transform wins
         for seed in ([seeds[0]] if v["method"] == "fp" else seeds):
-            if first is not None and data_free(v["method"], qcfg, kw.get("transform", "none")):
+            if first is not None and data_free(v["method"], qcfg, vkw["transform"]):
                 rows.append(dict(first, seed=seed, replicated_from=first["seed"]))   # nothing random enters it
                 continue
             try:
                 row = run_one(model, processor, v["method"], qcfg, seed, knobs={**(knobs or {}), **v["knobs"]},
-                              eval=eval, samples=samples, **kw)
+                              eval=eval, samples=samples, **vkw)
             except QVLMError as e:
                 rows.append(dict(variant=v["label"], method=v["method"], setting=qcfg.setting, seed=seed,
                                  error=str(e)))
@@ -204,3 +218,24 @@ def probe_accumulator(model: nn.Module, processor, setting, samples: list[dict],
     acc_kernel, acc_fake = integer_accumulator(qls[probe], pack_layer(qls[probe]), seen[0])
     return dict(setting=qcfg.setting, layer=probe, shape=tuple(acc_kernel.shape), K=seen[0].shape[-1],
                 max_abs=int(acc_kernel.abs().max()), max_abs_diff=int((acc_kernel - acc_fake).abs().max()))
+
+
+def transformed(model: nn.Module, processor, name: str, calib: CalibConfig | None = None,
+                qcfg: QuantConfig | None = None) -> tuple[nn.Module, dict]:
+    """(a copy of the FP model with transform `name` applied, its record); the FP model is not modified."""
+    m = copy.deepcopy(model)
+    return m, transforms.apply(m, processor, name, calib, qcfg=qcfg)
+
+
+def transform_outliers(model: nn.Module, processor, samples: list[dict], names=transforms.TRANSFORMS, *,
+                       calib: CalibConfig | None = None, qcfg: QuantConfig | None = None, batch_size: int = 16,
+                       progress: bool = True) -> pd.DataFrame:
+    """The per-linear-input outlier table (activation_outliers' "channels": absmax ratio, kurtosis, ...) of the FP
+    model after each transform in `names`, each on a fresh copy (calibration data `calib` for the transforms that
+    trace or search; `samples` are only read), with a `transform` column. The FP model is not modified."""
+    out = []
+    for name in tqdm(list(names), desc="transforms", disable=not progress, leave=False):
+        m, _ = transformed(model, processor, name, calib, qcfg)
+        out.append(activation_outliers(m, processor, samples, batch_size)["channels"].assign(transform=name))
+        del m
+    return pd.concat(out, ignore_index=True)

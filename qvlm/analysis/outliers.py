@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import data as qdata
+from ..core.hadamard import rotate_input
 from ..core.hooks import image_token_id, model_inputs, token_masks
 from ..core.units import unit_name
 from ..models import llava
@@ -89,6 +90,7 @@ def activation_outliers(model: nn.Module, processor, samples: list[dict], batch_
             seen[id(x)] = (first, x)                                # x kept alive: ids stay unique in a forward
             groups.setdefault(first, [first])
             valid, image = token_masks(state["batch"], x, img_id, info.part)
+            x = rotate_input(x, getattr(mod, "input_transform", None))         # what the weight multiplies
             stats.setdefault(first, _Stat(x.shape[-1])).add(x[valid], image[valid] if info.part == "llm" else None)
             return None
         return pre

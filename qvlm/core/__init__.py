@@ -2,6 +2,7 @@
 the top-level helpers; nothing here knows about Q-VLM's steps or any baseline):
 
     quant        quantize / dequantize / fake_quant pairs: the numerical reference for everything else
+    hadamard     Hadamard matrices (Kronecker of Sylvester and Paley) and the fast Walsh-Hadamard transform
     qlinear      QuantLinear (fake-quantized nn.Linear) and swapping it into a model
     checkpoint   save_quantized / load_quantized (the `qvlm quantize --out DIR` format)
     hooks        calibration batches, forward taps, token masks

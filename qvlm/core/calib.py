@@ -67,6 +67,7 @@ class BlockData:
     kwargs: list                      # [dict] keyword args per batch
     masks: list                       # [(B, T) bool] valid tokens
     stats: dict = field(default_factory=dict)
+    image_masks: list = field(default_factory=list)   # [(B, T) bool] image-token positions (LLM units; else empty)
     iters: int | None = None          # optimisation steps granted to this unit by a fixed total budget (else None)
 
     @property
@@ -265,13 +266,15 @@ def calibrate(model: nn.Module, processor, samples: list[dict], qcfg: QuantConfi
             state = dict(part=g[0].part,
                          inputs=[q_caps[i][0][0] for i in rows], fp_inputs=[f_caps[i][0][0] for i in rows],
                          args=[q_caps[i][0][1:] for i in rows], kwargs=[q_caps[i][1] for i in rows],
-                         masks=[token_masks(batches[i], q_caps[i][0][0], img_id, g[0].part)[0] for i in rows])
+                         masks=[token_masks(batches[i], q_caps[i][0][0], img_id, g[0].part)[0] for i in rows],
+                         image_masks=[token_masks(batches[i], q_caps[i][0][0], img_id, g[0].part)[1] for i in rows])
             _check_finite(state["inputs"] + state["fp_inputs"], "entering", key)
         fp_blocks = [copy.deepcopy(b.module) for b in g]
         for m in fp_blocks:
             m.requires_grad_(False)
         data = BlockData(blocks=g, fp_blocks=fp_blocks, inputs=state["inputs"], fp_inputs=state["fp_inputs"],
                          targets=[], args=state["args"], kwargs=state["kwargs"], masks=state["masks"],
+                         image_masks=state["image_masks"],
                          iters=(unit_iters or {}).get(key))
         with torch.no_grad():
             data.targets = [data.forward(i, fp=True) for i in range(len(data))]

@@ -27,7 +27,8 @@ from ..config import QuantConfig
 from ..errors import QVLMError
 from ..models import llava
 from ..utils import atomic_dir
-from .qlinear import QuantLinear, quant_linears, set_module, share_act_quantizer
+from .qlinear import (QuantLinear, quant_linears, restore_rotated_linears, rotated_linears, set_module,
+                      share_act_quantizer)
 
 QUANT_META = "qvlm_quant.json"          # presence of this file marks a quantized-model directory
 QUANT_TENSORS = "quantized.safetensors"
@@ -99,7 +100,7 @@ def save_quantized(model: nn.Module, qcfg: QuantConfig, method_info: dict, out_d
                 quant_config=dataclasses.asdict(qcfg), method=method_info,
                 dtype=str(llava.model_dtype(model)).replace("torch.", ""),
                 linears={name: m.spec() for name, m in qls}, shared_act=shared_groups(qls),
-                tied_embeddings=llava.tied_embeddings(model))
+                tied_embeddings=llava.tied_embeddings(model), rotated_linears=rotated_linears(model))
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / QUANT_TENSORS))
         if base is None:
@@ -163,6 +164,7 @@ def load_quantized(path, device: str = "cpu", dtype: str = "float32"):
         ql.import_tensors({k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)
                            and "." not in k[len(prefix):]})
         set_module(model, name, ql)
+    restore_rotated_linears(model, meta.get("rotated_linears", []))   # FP linears with an online Hadamard
     for group in meta.get("shared_act", []):                      # one activation quantizer per input tensor
         share_act_quantizer([model.get_submodule(n) for n in group])
     if llava.tied_embeddings(model) and not meta.get("tied_embeddings", True):   # a transform untied them (rotate)

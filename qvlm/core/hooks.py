@@ -25,6 +25,7 @@ from torch import nn
 from .. import data as qdata
 from ..errors import QVLMError
 from ..models import llava
+from .hadamard import rotate_input
 
 
 class Stop(Exception):
@@ -78,7 +79,9 @@ def token_masks(batch: dict, hidden: torch.Tensor, image_token: int, part: str) 
 
 
 class InputTap:
-    """Forward pre-hooks that hand each watched module's input to `fn(key, x)` during a forward pass.
+    """Forward pre-hooks that hand each watched module's input to `fn(key, x)` during a forward pass -- the input its
+    weight multiplies, i.e. after the layer's online rotation when it has one (RotatedInputLinear, a rotated
+    QuantLinear).
 
     Use as a context manager; hooks are removed on exit even if the forward raises."""
 
@@ -87,7 +90,8 @@ class InputTap:
 
     def __enter__(self):
         for key, m in self.modules.items():
-            self.handles.append(m.register_forward_pre_hook(lambda mod, args, key=key: self.fn(key, args[0])))
+            self.handles.append(m.register_forward_pre_hook(
+                lambda mod, args, key=key: self.fn(key, rotate_input(args[0], getattr(mod, "input_transform", None)))))
         return self
 
     def __exit__(self, *exc):

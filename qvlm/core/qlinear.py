@@ -16,6 +16,10 @@ vision encoder, projector and LLM; the official code does it with a patched bits
                2020), used by qvlm.methods.reconstruct; `freeze()` bakes the hard rounding into the weight.
   input_scale  optional per-input-channel smoothing scale (SmoothQuant / AWQ when it cannot be folded into the
                previous op): the layer computes (x / s) @ (W * s)^T, identical in FP.
+  input_transform  optional online rotation of the input, "hadamard": the layer computes (x H) @ (W H)^T with
+               H = hadamard_matrix(n) / sqrt(n) orthogonal (a run-time FWHT; QuaRot's down_proj rotation, set by
+               `qvlm.transforms.rotate` through `RotatedInputLinear`), identical in FP. Order: rotate, then
+               divide by input_scale, then quantize -- `prepare_input`.
   16 bits      means "not quantized": a QuantLinear with w_bits = a_bits = 16 is exactly the FP layer.
 
 All rounding / grids go through `qvlm.quant` (the single reference). Swapping: `quantize_model(model, qcfg)`
@@ -37,6 +41,7 @@ from ..config import QuantConfig
 from ..errors import QVLMError
 from ..models import llava
 from . import quant
+from .hadamard import INPUT_TRANSFORMS, rotate_input
 
 # AdaRound's rectified sigmoid stretch (Nagel et al. 2020, Eq. 23):
 #     h(a) = clamp(sigmoid(a) * (ZETA - GAMMA) + GAMMA, 0, 1)
@@ -57,6 +62,24 @@ CLIP_RANGE = (0.05, 1.0)          # a learned clipping ratio is used clamped to 
                                   # ratio pushed past a bound still gets gradient and can come back)
 ACT_TENSORS = ("a_scale", "a_zero_point", "a_clip")   # what an ActQuantizer may carry
 _OPTIONAL = ("input_scale", "round_logits")           # optional tensors of the layer itself
+
+
+class RotatedInputLinear(nn.Linear):
+    """An FP nn.Linear whose input is rotated online: y = (x H) @ W'^T + b with W' = W H (H orthogonal), which
+    equals the original layer. Made by `qvlm.transforms.rotate` (QuaRot's online Hadamard on down_proj);
+    `QuantLinear.from_linear` carries the rotation over, so quantization sees the rotated input."""
+
+    input_transform = "hadamard"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "RotatedInputLinear":
+        """Wrap `linear` (its tensors are shared); the caller rewrites the weight to W H."""
+        r = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        r.weight, r.bias = linear.weight, linear.bias
+        return r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(rotate_input(x, self.input_transform), self.weight, self.bias)
 
 
 def clip_ratio(a_clip: torch.Tensor) -> torch.Tensor:
@@ -176,9 +199,12 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 4, a_bits: int = 4,
                  group_size: int = 0, w_symmetric: bool = True, a_symmetric: bool = True, a_granularity: str = "token",
-                 weight_format: str = "int", device=None, dtype=None):
+                 weight_format: str = "int", input_transform: str | None = None, device=None, dtype=None):
         nn.Module.__init__(self)                         # not nn.Linear.__init__: no random init of the weight
         self.in_features, self.out_features = in_features, out_features
+        if input_transform not in INPUT_TRANSFORMS:
+            raise QVLMError(f"unknown input_transform {input_transform!r}", "use None or 'hadamard'")
+        self.input_transform = input_transform
         self.w_bits = quant.check_bits(w_bits, "w_bits")
         self.group_size = quant.check_group_size(group_size, in_features)
         if weight_format not in ("int", "nf4"):
@@ -212,7 +238,8 @@ class QuantLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, qcfg: QuantConfig, **overrides) -> "QuantLinear":
         """Wrap `linear` (its weight/bias tensors are shared, not copied) with the settings of `qcfg`."""
         kw = dict(w_bits=qcfg.w_bits, a_bits=qcfg.a_bits, group_size=qcfg.group_size, w_symmetric=qcfg.w_symmetric,
-                  a_symmetric=qcfg.a_symmetric, a_granularity=qcfg.a_granularity, weight_format=qcfg.weight_format)
+                  a_symmetric=qcfg.a_symmetric, a_granularity=qcfg.a_granularity, weight_format=qcfg.weight_format,
+                  input_transform=getattr(linear, "input_transform", None))
         kw.update(overrides)
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **kw)
         q.weight = nn.Parameter(linear.weight.data, requires_grad=False)
@@ -226,12 +253,14 @@ class QuantLinear(nn.Linear):
     def spec(self) -> dict:
         """The constructor settings (stored per layer in qvlm_quant.json)."""
         return dict(w_bits=self.w_bits, a_bits=self.a_bits, group_size=self.group_size, w_symmetric=self.w_symmetric,
-                    a_symmetric=self.a_symmetric, a_granularity=self.a_granularity, weight_format=self.weight_format)
+                    a_symmetric=self.a_symmetric, a_granularity=self.a_granularity, weight_format=self.weight_format,
+                    input_transform=self.input_transform)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
+        r = f", input_transform={self.input_transform}" if self.input_transform else ""
         return (f"{self.in_features}, {self.out_features}, w_bits={self.w_bits}, a_bits={self.a_bits}{g}, "
-                f"a={self.a_granularity}, weight_format={self.weight_format}")
+                f"a={self.a_granularity}, weight_format={self.weight_format}{r}")
 
     @property
     def quantizes_weight(self) -> bool:
@@ -296,6 +325,15 @@ class QuantLinear(nn.Linear):
                                        self.w_scale, self.w_zero_point)
 
     # ------------------------------------------------------------------------------------------ activations
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The tensor the weight multiplies before quantization: x rotated online (input_transform), then divided
+        by the smoothing input_scale. Methods that collect a layer's inputs (GPTQ's Hessian, AWQ's clip search)
+        apply this to what a forward pre-hook sees."""
+        x = rotate_input(x, self.input_transform)
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)         # smoothing; the weight was multiplied by input_scale
+        return x
+
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize the (already smoothed) input activation x (..., in_features) with the shared quantizer."""
         if not self.quant_enabled:
@@ -309,9 +347,7 @@ class QuantLinear(nn.Linear):
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale is not None:
-            x = x / self.input_scale.to(x.dtype)         # smoothing; the weight was multiplied by input_scale
-        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+        return F.linear(self.quant_input(self.prepare_input(x)), self.quant_weight(), self.bias)
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -392,6 +428,18 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
     for blk in llava.blocks(model, qcfg.scope):
         quantize_module(blk.module, qcfg)
     return model
+
+
+def rotated_linears(model: nn.Module) -> list[str]:
+    """Names of the FP (not quantized) linears that rotate their input online (RotatedInputLinear): a checkpoint
+    records them, since a model rebuilt from its config has plain nn.Linear there."""
+    return [n for n, m in model.named_modules() if isinstance(m, RotatedInputLinear)]
+
+
+def restore_rotated_linears(model: nn.Module, names: list[str]) -> None:
+    """Swap the named plain nn.Linear modules for RotatedInputLinear (inverse of `rotated_linears` at load)."""
+    for name in names:
+        set_module(model, name, RotatedInputLinear.from_linear(model.get_submodule(name)))
 
 
 def quant_linears(module: nn.Module) -> list[tuple[str, QuantLinear]]:

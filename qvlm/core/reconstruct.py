@@ -87,20 +87,27 @@ def allocate_steps(total: int, weights: Sequence[float]) -> list[int]:
     return out
 
 
-def _masked_sq_error(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """(sum over valid tokens of ||y - t||^2 summed over channels, number of valid tokens)."""
+def _masked_sq_error(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None,
+                     weight: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(sum over valid tokens of w_t ||y_t - t_t||^2 summed over channels, number of valid tokens); w_t = 1 unless
+    a (B, T) token `weight` is given (MBQ's modality weights)."""
     d = (y.float() - t.float()).pow(2).sum(-1)                                  # (B, T)
+    if weight is not None:
+        d = d * weight.to(d.device, d.dtype)
     if mask is not None and tuple(mask.shape) == tuple(d.shape):
         return d[mask].sum(), int(mask.sum())
     return d.sum(), d.numel()
 
 
 @torch.no_grad()
-def objective(forward: Callable, inputs: Sequence, targets: Sequence, masks: Sequence | None = None) -> float:
-    """Mean over valid tokens of the squared output error summed over channels (the reconstruction loss)."""
+def objective(forward: Callable, inputs: Sequence, targets: Sequence, masks: Sequence | None = None,
+              weights: Sequence | None = None) -> float:
+    """Mean over valid tokens of the squared output error summed over channels (the reconstruction loss), each
+    token weighted by `weights[i]` (B, T) when given."""
     tot, n = 0.0, 0
     for i, (x, t) in enumerate(zip(inputs, targets)):
-        e, k = _masked_sq_error(forward(x, i), t, masks[i] if masks is not None else None)
+        e, k = _masked_sq_error(forward(x, i), t, masks[i] if masks is not None else None,
+                                weights[i] if weights is not None else None)
         tot, n = tot + float(e), n + k
     return tot / max(n, 1)
 

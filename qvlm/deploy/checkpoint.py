@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
 
-from ..core.qlinear import set_module
+from ..core.qlinear import restore_rotated_linears, rotated_linears, set_module
 from ..errors import QVLMError
 from ..models import llava
 from ..utils import atomic_dir
@@ -53,7 +53,7 @@ def save_packed(model: nn.Module, out_dir, processor=None, source: dict | None =
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = dict(format_version=FORMAT_VERSION, scheme=scheme(model), layers={n: layer_spec(m) for n, m in pls},
                 dtype=str(llava.model_dtype(model)).replace("torch.", ""), source=source or {},
-                notes=getattr(model, "qvlm_deploy", {}).get("notes", []))
+                notes=getattr(model, "qvlm_deploy", {}).get("notes", []), rotated_linears=rotated_linears(model))
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / PACKED_TENSORS))
         model.config.save_pretrained(tmp / "base")
@@ -101,7 +101,8 @@ def load_packed(path, device: str = "cpu", dtype: str = "") -> tuple[nn.Module, 
         model = LlavaForConditionalGeneration(config).to(tdtype).eval()
     for name, s in meta["layers"].items():
         layer = DeployedLinear(s["in_features"], s["out_features"], s["w_bits"], s["a_bits"], s["group_size"], s["symmetric"],
-                    bias=s["bias"], dtype=tdtype, act=s["act"], a_granularity=s["a_granularity"])
+                    bias=s["bias"], dtype=tdtype, act=s["act"], a_granularity=s["a_granularity"],
+                    input_transform=s.get("input_transform"))
         layer.drop_zero_point()
         for t in s["tensors"]:
             key = f"{name}.{t}"
@@ -109,6 +110,7 @@ def load_packed(path, device: str = "cpu", dtype: str = "") -> tuple[nn.Module, 
                 raise QVLMError(f"{path} lacks tensor {key}", "the directory is incomplete; re-run `qvlm deploy`")
             layer.register_buffer(t, tensors.pop(key))
         set_module(model, name, layer)
+    restore_rotated_linears(model, meta.get("rotated_linears", []))   # FP linears with an online Hadamard
     try:
         model.load_state_dict(tensors, strict=True)                   # copy_ casts FP tensors to `dtype`
     except RuntimeError as e:

@@ -3,10 +3,14 @@ carry beyond it.
 
     int4 codes two per byte (w4a16, w4a4) or int8 codes (w8a8) along K, fp32 scale (+ zero_point when asymmetric)
     per output channel or group, multiplied by the Triton GEMMs of `kernels`;
-    an optional smoothing `input_scale` (a SmoothQuant / AWQ scale that could not be folded), divided out first;
-    an activation quantizer: "token" (dynamic per-token symmetric: the `kernels.act_quant` kernel), or "clip" (a
-    learned clipping ratio), "static" (a calibrated per-tensor step) or "tensor" (dynamic per-tensor), whose codes
-    are computed in torch by `qvlm.core.quant` before the same integer GEMM kernels.
+    an optional online input rotation (`input_transform="hadamard"`: QuaRot's down_proj FWHT, `kernels.hadamard`
+    on the kernel path, `qvlm.core.hadamard.fwht` on the reference path), applied first;
+    an optional smoothing `input_scale` (a SmoothQuant / AWQ scale that could not be folded), divided out next;
+    an activation quantizer: "token" (dynamic per-token symmetric), "clip" (per-token ranges shrunk by a learned
+    clipping ratio) or "static" (a calibrated symmetric per-tensor step) -- all three computed by the
+    `kernels.act_quant` kernel (its `clip` / `static_scale` arguments) -- or "tensor" (dynamic per-tensor ranges,
+    and a clip over the whole tensor), whose codes need a reduction across tokens first and are computed in torch
+    by `qvlm.core.quant`; the integer GEMM kernels are the same for all of them.
 
 Backend: on CUDA the Triton kernels run; on CPU they run in Triton's interpreter only when TRITON_INTERPRET=1 was
 set before `kernels` was first imported (this module imports it), else the plain-torch `*_ref` functions compute
@@ -19,11 +23,13 @@ import contextlib
 import torch
 from torch import nn
 
-from kernels import (PackedLinear, act_quant, act_quant_ref, can_launch, pack_int4, w4a4_matmul, w4a4_ref, w4a16_matmul,
+from kernels import (PackedLinear, act_quant, act_quant_ref, can_launch, hadamard, pack_int4, w4a4_matmul, w4a4_ref, w4a16_matmul,
                      w4a16_ref, w8a8_matmul, w8a8_ref)
 from kernels.pack import PackedWeight
 
 from ..core import quant
+from ..core.qlinear import CLIP_RANGE
+from ..core.hadamard import INPUT_TRANSFORMS, fwht, kernel_base
 from ..errors import QVLMError
 
 ACT_TENSORS = ("input_scale", "a_scale", "a_zero_point", "a_clip")    # optional QuantLinear tensors carried over
@@ -51,15 +57,18 @@ def reference_backend():
 
 class DeployedLinear(PackedLinear):
     """PackedLinear + what a Q-VLM QuantLinear may carry beyond it (see the module docstring):
-    an optional smoothing `input_scale` and a non-default activation quantizer ("clip" | "static" |
-    "tensor"), whose codes are computed in torch by qvlm.quant before the same integer GEMM kernels.
+    an optional online rotation, an optional smoothing `input_scale` and an activation quantizer ("token" |
+    "clip" | "static" in the act_quant kernel, "tensor" in torch; `kernel_act_args`).
     Symmetric layers drop the all-zero `zero_point` buffer (`drop_zero_point`; the kernels never read it)."""
 
-    def __init__(self, *args, act: str = "token", a_granularity: str = "token", **kwargs):
+    def __init__(self, *args, act: str = "token", a_granularity: str = "token", input_transform: str | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if act not in ACT_QUANTIZERS:
             raise QVLMError(f"unknown activation quantizer {act!r}", f"use one of {', '.join(ACT_QUANTIZERS)}")
-        self.act, self.a_granularity = act, a_granularity
+        if input_transform not in INPUT_TRANSFORMS:
+            raise QVLMError(f"unknown input_transform {input_transform!r}", "use None or 'hadamard'")
+        self.act, self.a_granularity, self.input_transform = act, a_granularity, input_transform
         for name in ACT_TENSORS:
             self.register_buffer(name, None)
 
@@ -73,6 +82,20 @@ class DeployedLinear(PackedLinear):
         return PackedWeight(self.qweight, self.scale, zp, self.w_bits, self.group_size, self.symmetric,
                             self.container_bits, self.in_features)
 
+    def kernel_act_args(self) -> dict | None:
+        """`act_quant` keyword arguments that compute this layer's activation codes in the kernel, or None when only
+        torch computes them: per-token dynamic ({}), a learned clip ratio per token (`clip`, clamped to CLIP_RANGE
+        as QuantLinear uses it) or a symmetric static per-tensor step (`static_scale`). Dynamic per-tensor ranges and
+        a clip over the whole tensor need a reduction across tokens first, so they stay in torch (`act_codes`)."""
+        if self.act == "token":
+            return {}
+        if self.act == "clip" and self.a_granularity == "token" and self.a_clip.numel() == 1:
+            return {"clip": self.a_clip.detach().float().clamp(*CLIP_RANGE).reshape(1)}
+        if self.act == "static" and self.a_scale.numel() == 1 and (self.a_zero_point is None
+                                                                   or not bool(self.a_zero_point.any())):
+            return {"static_scale": self.a_scale.detach().float().abs().clamp_min(1e-8).reshape(1)}
+        return None
+
     def act_codes(self, x2: torch.Tensor):
         """(M, K) activations -> int8 codes (M, K) and fp32 scale (M, 1), exactly as QuantLinear.quant_input."""
         if self.act == "static":                                 # calibrated per-tensor step (LSQ)
@@ -81,7 +104,7 @@ class DeployedLinear(PackedLinear):
             per_token = self.a_granularity == "token"
             lo = x2.amin(dim=-1, keepdim=True) if per_token else x2.min()
             hi = x2.amax(dim=-1, keepdim=True) if per_token else x2.max()
-            clip = self.a_clip.clamp(0.05, 1.0)
+            clip = self.a_clip.clamp(*CLIP_RANGE)
             scale, zp = quant.qparams_from_minmax(lo.float() * clip, hi.float() * clip, self.a_bits, True)
         else:                                                    # "tensor": dynamic, one range per tensor
             scale, zp = quant.act_qparams(x2, self.a_bits, True, "tensor")
@@ -93,26 +116,29 @@ class DeployedLinear(PackedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """PackedLinear.forward's dispatch, plus input_scale, the torch activation quantizers and, in the
         interpreter, big tiles (INTERPRETER_BLOCK): the same kernels, same integers."""
-        if self.input_scale is not None:
-            x = x / self.input_scale.to(x.dtype)                 # smoothing (weight holds W * input_scale)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)                                    # (M, K)
         launch = can_launch(x2) and _KERNELS["on"]
         block = INTERPRETER_BLOCK if launch and not x2.is_cuda else None        # None: autotune on CUDA
+        if self.input_transform == "hadamard":                                  # online rotation (weight holds W H)
+            x2 = hadamard(x2, kernel_base(self.in_features, x2.device)) if launch else fwht(x2)
+        if self.input_scale is not None:
+            x2 = x2 / self.input_scale.to(x2.dtype)              # smoothing (weight holds W * input_scale)
         zp = None if self.symmetric else self.zero_point
         if self.mode == "w4a16":
             y = (w4a16_matmul(x2, self.qweight, self.scale, zp, self.symmetric, block=block) if launch
                  else w4a16_ref(x2, self.qweight, self.scale, zp, self.symmetric))
         else:
             pack = self.mode == "w4a4"                                          # int4 codes two per byte
-            if self.act != "token":                                             # clip / static / tensor
+            kw = self.kernel_act_args()
+            if kw is None:                                                      # per-tensor ranges: torch codes
                 q, a_scale = self.act_codes(x2)
                 a = pack_int4(q, signed=True) if pack else q
             elif launch:
                 a, a_scale = act_quant(x2, self.a_bits, pack=pack,
-                                       BLOCK_M=INTERPRETER_BLOCK["BLOCK_M"] if block else None)
+                                       BLOCK_M=INTERPRETER_BLOCK["BLOCK_M"] if block else None, **kw)
             else:
-                a, a_scale = act_quant_ref(x2, self.a_bits, pack=pack)
+                a, a_scale = act_quant_ref(x2, self.a_bits, pack=pack, **kw)
             if pack:
                 y = (w4a4_matmul if launch else w4a4_ref)(a, a_scale, self.qweight, self.scale, zp,
                                                           self.symmetric, out_dtype=x.dtype,
@@ -129,11 +155,12 @@ class DeployedLinear(PackedLinear):
         return dict(in_features=self.in_features, out_features=self.out_features, w_bits=self.w_bits,
                     a_bits=self.a_bits, group_size=self.group_size, symmetric=self.symmetric,
                     bias=self.bias is not None, act=self.act, a_granularity=self.a_granularity, mode=self.mode,
-                    tensors=[n for n in ACT_TENSORS if getattr(self, n) is not None])
+                    input_transform=self.input_transform, tensors=[n for n in ACT_TENSORS if getattr(self, n) is not None])
 
     def extra_repr(self) -> str:
         extra = "".join(f", {n}" for n in ACT_TENSORS if getattr(self, n) is not None)
-        return super().extra_repr() + f", act={self.act}{extra}"
+        r = f", input_transform={self.input_transform}" if self.input_transform else ""
+        return super().extra_repr() + f", act={self.act}{extra}{r}"
 
 
 def is_packed(m: nn.Module) -> bool:
@@ -164,4 +191,4 @@ def layer_spec(m: nn.Module) -> dict:
         return m.spec()
     return dict(in_features=m.in_features, out_features=m.out_features, w_bits=m.w_bits, a_bits=m.a_bits,
                 group_size=m.group_size, symmetric=m.symmetric, bias=m.bias is not None, act="token",
-                a_granularity="token", mode=m.mode, tensors=[])
+                a_granularity="token", mode=m.mode, input_transform=None, tensors=[])

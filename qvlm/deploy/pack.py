@@ -16,12 +16,15 @@ Equivalence with the fake-quant model (the contract, tested in tests/unit/test_d
                learned AdaRound rounding when present, or is the frozen grid weight) re-quantized with the layer's
                own (possibly calibrated / clipped) w_scale and w_zero_point. Exact: (q - z) * s / s rounds back to q.
                `deploy` checks that the packed weight dequantizes to the fake-quant weight.
-  activations  the default Q-VLM setting, dynamic per-token symmetric ranges, runs the `kernels.act_quant` kernel,
-               which computes the same codes as `qvlm.core.quant` bit for bit (fp32 models). Two other quantizers a method
-               can leave behind have no Triton kernel: a learned clipping ratio `a_clip` (BRECQ, Q-VLM with
-               learn_act) and a static per-tensor step `a_scale` (a_granularity="tensor"). For those the activation
-               CODES are computed in torch by `qvlm.core.quant` (the fake-quant reference itself), and the integer GEMM
-               still runs in the Triton kernel; `deploy` records this in `model.qvlm_deploy["notes"]`.
+  activations  the `kernels.act_quant` kernel computes the same codes as `qvlm.core.quant` bit for bit (fp32 models)
+               for the three quantizers the methods leave behind on per-token layers: dynamic per-token symmetric
+               ranges (the default), a learned clipping ratio `a_clip` (BRECQ, Q-VLM with learn_act) and a static
+               symmetric per-tensor step `a_scale` (a_granularity="tensor", calibrated). Only dynamic per-tensor
+               ranges (and a clip over them) need a reduction across all tokens before any code, so their CODES are
+               computed in torch by `qvlm.core.quant`; the integer GEMM still runs in the Triton kernel, and `deploy`
+               records this in `model.qvlm_deploy["notes"]`.
+  rotation     a QuaRot online Hadamard (`input_transform="hadamard"`, down_proj after `--transform rotate`) runs the
+               `kernels.hadamard` kernel (torch `fwht` on the reference path) before activation quantization.
   smoothing    a SmoothQuant / AWQ `input_scale` that could not be folded is kept as a buffer and divides the input
                before quantization, as in QuantLinear.forward (a GPU kernel would fuse it into act_quant).
   unsupported  asymmetric activations (the GEMMs have no activation zero point), NF4 weights, and bit-width pairs with
@@ -48,7 +51,7 @@ from torch import nn
 import kernels
 from kernels import mode_for
 
-from ..core.qlinear import quant_linears, set_module
+from ..core.qlinear import RotatedInputLinear, quant_linears, set_module
 from ..errors import QVLMError
 from .layer import ACT_TENSORS, DeployedLinear, packed_linears
 
@@ -91,7 +94,8 @@ def check_deployable(model: nn.Module) -> dict[str, str]:
 
 def _fp_linear(ql) -> nn.Linear:
     """A 16-bit QuantLinear as the plain nn.Linear it equals (an unfoldable input_scale is folded back)."""
-    lin = nn.Linear(ql.in_features, ql.out_features, ql.bias is not None, device="meta")
+    cls = RotatedInputLinear if ql.input_transform == "hadamard" else nn.Linear      # keeps the online rotation
+    lin = cls(ql.in_features, ql.out_features, ql.bias is not None, device="meta")
     w = ql.weight.detach()
     if ql.input_scale is not None:
         w = (w.float() / ql.input_scale.float()).to(w.dtype)        # weight held W * s for input x / s
@@ -108,7 +112,7 @@ def pack_layer(ql) -> nn.Module:
     src = types.SimpleNamespace(weight=w_fake, bias=ql.bias, in_features=ql.in_features, out_features=ql.out_features)
     layer = DeployedLinear.from_float(src, ql.w_bits, ql.a_bits, ql.group_size, ql.w_symmetric,
                            scale=ql.w_scale.float(), zero_point=ql.w_zero_point.float())
-    layer.act, layer.a_granularity = act, ql.a_granularity
+    layer.act, layer.a_granularity, layer.input_transform = act, ql.a_granularity, ql.input_transform
     layer.drop_zero_point()
     keep = {"input_scale"} | ({"a_scale", "a_zero_point"} if act == "static" else set()) | \
            ({"a_clip"} if act == "clip" else set())
@@ -138,7 +142,7 @@ def deploy(model: nn.Module) -> nn.Module:
     if problems:
         name, why = next(iter(problems.items()))
         raise QVLMError(f"cannot deploy {name} ({len(problems)} of {len(qls)} layers affected): {why}")
-    modes, acts, fp = {}, {}, 0
+    modes, acts, fp, torch_codes = {}, {}, 0, 0
     with torch.no_grad():
         for name, ql in qls:
             if not (ql.quantizes_weight or ql.quantizes_act):
@@ -150,16 +154,18 @@ def deploy(model: nn.Module) -> nn.Module:
             modes[layer.mode] = modes.get(layer.mode, 0) + 1
             if layer.mode != "w4a16":
                 acts[layer.act] = acts.get(layer.act, 0) + 1
-    model.qvlm_deploy = dict(modes=modes, activations=acts, fp_linears=fp, notes=deploy_notes(acts, fp))
+                torch_codes += layer.kernel_act_args() is None
+    model.qvlm_deploy = dict(modes=modes, activations=acts, fp_linears=fp, notes=deploy_notes(torch_codes, fp))
     return model
 
 
-def deploy_notes(acts: dict, fp: int = 0) -> list[str]:
-    """Human-readable notes on the layers whose activation codes are not computed by the act_quant kernel."""
-    what = {"clip": "a learned clipping ratio (a_clip)", "static": "a static per-tensor step (a_scale)",
-            "tensor": "dynamic per-tensor ranges"}
-    notes = [f"{n} layers use {what[a]}: their activation codes are computed in torch by qvlm.quant (no Triton "
-             f"kernel for this quantizer); the integer GEMM still runs in the kernel" for a, n in acts.items() if a in what]
+def deploy_notes(torch_codes: int, fp: int = 0) -> list[str]:
+    """Human-readable notes on the layers whose activation codes the act_quant kernel does not compute."""
+    notes = []
+    if torch_codes:
+        notes.append(f"{torch_codes} layers use dynamic per-tensor activation ranges: their codes are computed in "
+                     f"torch by qvlm.core.quant (a reduction over all tokens first); the integer GEMM still runs in "
+                     f"the kernel")
     if fp:
         notes.append(f"{fp} 16-bit layers stay plain nn.Linear (not quantized)")
     return notes

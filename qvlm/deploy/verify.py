@@ -86,8 +86,7 @@ def integer_accumulator(fake_layer, packed_layer, x: torch.Tensor) -> tuple[torc
         raise QVLMError(f"integer_accumulator needs a symmetric integer layer with per-token activations, got "
                         f"{packed_layer.mode} / {packed_layer.act}", "pick a w8a8 or w4a4 layer")
     x = x.reshape(-1, fake_layer.in_features)
-    if fake_layer.input_scale is not None:
-        x = x / fake_layer.input_scale.to(x.dtype)
+    x = fake_layer.prepare_input(x)
     pack = packed_layer.mode == "w4a4"
     if kn.can_launch(x):
         block = INTERPRETER_BLOCK if not x.is_cuda else None

@@ -11,6 +11,7 @@ Methods (one module each; knobs in a dataclass beside each, every default writte
     gptq         GPTQ (Frantar et al. 2023): Hessian-aware sequential weight rounding (+ activation quant)
     awq          AWQ (Lin et al. 2024): per-channel scale search on the block output + weight clip search
     quarot       QuaRot (Ashkboos et al. 2024): the `rotate` transform, then GPTQ weights + RTN activations
+    mbq          MBQ (Li et al. 2025): AWQ's scale search with image / text token errors weighted by the loss gradient
     adaround     AdaRound (Nagel et al. 2020): learned rounding per layer (QDrop option)
     brecq        BRECQ (Li et al. 2021): learned rounding + activation step reconstructed per block
     qvlm         Q-VLM (Wang et al. 2024), the paper's method (pipeline in qvlm.method)
@@ -37,12 +38,12 @@ from ..data import calibration_set
 from ..errors import QVLMError
 from ..models import check_quant_config, llava
 from ..utils import seed_everything
-from . import adaround, awq, brecq, fp, gptq, quarot, qvlm, rtn, smoothquant
+from . import adaround, awq, brecq, fp, gptq, mbq, quarot, qvlm, rtn, smoothquant
 from .base import Method
 
 # Table order: the reference, the baselines from simplest to strongest, then the paper's method.
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (fp, rtn, smoothquant, gptq, awq, quarot, adaround, brecq,
-                                                                  qvlm)}
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (fp, rtn, smoothquant, gptq, awq, quarot, mbq, adaround,
+                                                                  brecq, qvlm)}
 
 
 def register(method: Method) -> Method:

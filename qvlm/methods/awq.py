@@ -41,8 +41,9 @@ def _awq_scales(act_absmean: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_scales(data, group, qlinears, local_targets, n_grid: int) -> dict:
-    """Grid-search the AWQ exponent for one group; applies the best scale. Returns dict(ratio, loss, loss_rtn)."""
+def search_scales(data, group, qlinears, local_targets, n_grid: int, weights=None) -> dict:
+    """Grid-search the AWQ exponent for one group; applies the best scale. Returns dict(ratio, loss, loss_rtn).
+    `weights`: optional per-batch (B, T) token weights of the objective (MBQ's modality balance)."""
     others = [m for _, m in qlinears if all(m is not g for _, g in group.linears)]
     for m in others:
         m.quant_enabled = False                     # only this group is quantized while it is searched
@@ -54,7 +55,7 @@ def search_scales(data, group, qlinears, local_targets, n_grid: int) -> dict:
         for k in range(n_grid):
             ratio = k / n_grid
             apply_scale(group, _awq_scales(group.act_absmean, ratio))
-            loss = objective(fwd, data.inputs, local_targets, data.masks)
+            loss = objective(fwd, data.inputs, local_targets, data.masks, weights)
             losses.append(loss)
             if loss < best[1]:
                 best = (ratio, loss)
@@ -90,15 +91,16 @@ def search_clip(ql, x: torch.Tensor, n_grid: int, max_shrink: float) -> torch.Te
     return best
 
 
-def quantize_unit(data, qcfg, cfg: AWQConfig) -> dict:
-    """Scale search for every smoothing group of the unit, then clip search per linear."""
+def quantize_unit(data, qcfg, cfg: AWQConfig, weights=None) -> dict:
+    """Scale search for every smoothing group of the unit, then clip search per linear. `weights`: optional
+    per-batch (B, T) token weights of the scale search's objective (MBQ, qvlm.methods.mbq)."""
     if qcfg.weight_format != "int":
         raise QVLMError("awq supports weight_format 'int' only", "use --method rtn for NF4 weights")
     stats = {}
     qlinears = data.qlinears()
     local_targets = data.local_targets()
     for group in find_groups(data, cfg.unfoldable):
-        stats[group.key] = search_scales(data, group, qlinears, local_targets, cfg.n_grid)
+        stats[group.key] = search_scales(data, group, qlinears, local_targets, cfg.n_grid, weights)
     if cfg.clip and qcfg.w_bits < 16:
         for key, ql in qlinears:
             short = key.rsplit(".", 1)[-1]
@@ -106,8 +108,7 @@ def quantize_unit(data, qcfg, cfg: AWQConfig) -> dict:
                 continue
             xs = []
             for i, x in enumerate(data.module_inputs(ql)):
-                if ql.input_scale is not None:
-                    x = x / ql.input_scale.to(x.dtype)
+                x = ql.prepare_input(x)
                 valid = tuple(x.shape[:-1]) == tuple(data.masks[i].shape)
                 xs.append(data.tokens(i, x) if valid else x.reshape(-1, x.shape[-1]))                 # (n, C)
             x = torch.cat(xs)                                                       # (n_tokens, C)

@@ -98,9 +98,7 @@ def _collect_hessians(layers, mask_ref):
         x = args[0]
         if acc[id(mod)][2] is None:
             acc[id(mod)][2] = x
-        if mod.input_scale is not None:
-            x = x / mod.input_scale.to(x.dtype)
-        x = mod.quant_input(x)
+        x = mod.quant_input(mod.prepare_input(x))
         mask = mask_ref[0]
         xs = x[mask] if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]) else x.reshape(-1, x.shape[-1])
         xs = xs.float()                                                          # (n, C)

@@ -3,12 +3,14 @@ weights and round-to-nearest per-token activations.
 
 The rotation is the `rotate` transform (qvlm.transforms.rotate: norm gains folded, a seeded random Hadamard Q of
 the LLM residual stream fused into the embeddings, the projector's output, every reading / writing linear and the
-lm_head); the rounding is this repo's GPTQ unchanged (its knobs: percdamp, block_size, act_order). The run records
-the transform (row['transform'] = 'rotate', its seed = the calibration seed).
+lm_head, plus QuaRot's online Hadamard on every down_proj input, a run-time FWHT); the rounding is this repo's GPTQ
+unchanged (its knobs: percdamp, block_size, act_order), with the Hessian of the rotated down_proj input. The run
+records the transform (row['transform'] = 'rotate', its seed = the calibration seed).
 
-Paper defaults and what differs here: QuaRot also rotates each attention head (v / o) and applies an online Hadamard
-to the down_proj input; both are not implemented yet, so this is the residual-rotation variant (SpinQuant's R1 with
-a Hadamard instead of a learned rotation). The vision tower is not rotated (LayerNorm; qvlm.transforms.rotate).
+Paper defaults and what differs here: QuaRot also rotates each attention head (a Hadamard fused into v / o and an
+online one across heads before o_proj, R2 / R3 with the KV cache); not implemented, so o_proj's input is not
+rotated. The vision tower is not rotated (LayerNorm; qvlm.transforms.rotate). W4A4 in the paper keeps activations
+per-token RTN with a clip ratio of 0.9; here clip 1.0 (the harness's RTN) unless a method learns one.
 """
 from __future__ import annotations
 

@@ -42,6 +42,7 @@ R2_STRONG = 0.9                  # "strongly correlated": R² >= 0.9 with a posi
 VEO_MIN_ENTROPY_DROP = 0.05      # VEO must lower the quantized-activation entropy it targets by >= 5 % ...
 VEO_MAX_FP_DROP = 0.003          # ... without costing FP accuracy (its guard: 0.3 points on val)
 MAX_DROP = {"W4A4": 0.02, "W6A6": 0.01, "W8A8": 0.005}   # Q-VLM within 2 / 1 / 0.5 points of FP
+ROTATION_MIN_GAIN = 0.10         # rotation + RTN must beat plain RTN at W4A4 by >= 10 points (a check the rotation is right)
 PAPER_MEMORY_RATIO = 2.78        # abstract: memory compressed 2.78x (LLaVA-13B)
 PAPER_SPEEDUP = 1.44             # abstract: generation 1.44x faster (LLaVA-13B)
 ACC_EPS = 1e-9                   # accuracies are k/n: a difference exactly at a threshold counts
@@ -286,6 +287,21 @@ def claim_budget(m: dict | None, run: dict | None = None) -> dict:
     if budget is not None and not budget:
         parts.append((None, "not run in the fixed-budget mode (BUDGET = 0)"))
     return _row(key, claim, paper, "; ".join(ours) or "–", parts, run)
+
+
+def claim_rotation(m: dict | None, run: dict | None = None) -> dict:
+    """05: RTN on the rotate transform beats plain RTN at W4A4 by >= ROTATION_MIN_GAIN, intervals not overlapping
+    (QuaRot's premise; on a model with real outliers a correct rotation must show it)."""
+    key, claim = "rotation", f"W4A4: rotate + RTN above RTN by >= {_pts(ROTATION_MIN_GAIN)}"
+    paper = "QuaRot (Ashkboos et al. 2024): rotation makes W4A4 RTN usable; target set by this repository"
+    summ = (m or {}).get("transforms")
+    r, q = _cell(summ, variant="rtn", setting="W4A4"), _cell(summ, variant="rtn+rotate", setting="W4A4")
+    if r is None or q is None:
+        return _missing(key, claim, paper, "notebook 05 ran no RTN / RTN+rotate pair at W4A4")
+    gain = q[0] - r[0]
+    ours = f"RTN {_pm(r)}, RTN+rotate {_pm(q)} (gain {_pts(gain)})"
+    return _row(key, claim, paper, ours, [(_at_least(gain, ROTATION_MIN_GAIN), f"gain {_pts(gain)}"),
+                                          (order(q, r) == ">", f"intervals {order(q, r)}")], run)
 
 
 def claim_memory(m: dict | None, run: dict | None = None) -> dict:

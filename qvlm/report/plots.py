@@ -275,6 +275,32 @@ def outlier_ratios(channels, title: str = ""):
     return fig
 
 
+def transform_profile(df, y: str, x: str = "unit", hue: str = "transform", title: str = "", ylabel: str = "",
+                      log: bool = False):
+    """One line per `hue` value (e.g. transform) of a per-input or per-layer quantity in forward order; x labels and
+    part shading from the first group (every group has the same rows in the same order)."""
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    groups = list(df.groupby(hue, sort=False))
+    first = groups[0][1].reset_index(drop=True)
+    if "part" in first:
+        _shade_parts(ax, list(first["part"]))
+    for label, g in groups:
+        ax.plot(range(len(g)), g[y].to_numpy(), marker="o", ms=3, lw=1.2, label=str(label))
+    step = max(1, len(first) // 45)
+    ax.set_xticks(range(0, len(first), step))
+    ax.set_xticklabels(first[x].iloc[::step], rotation=90, fontsize=8)
+    ax.set_xlim(-0.5, len(first) - 0.5)
+    if log:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(0, None)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title, pad=14)
+    ax.legend(fontsize=8, ncol=len(groups), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def channel_absmax(profiles: dict, title: str = "", xlabel: str = "input channel"):
     """max |x| per input channel of one layer, one line per labelled profile (e.g. before / after outliers)."""
     fig, ax = plt.subplots(figsize=(7, 3.2))

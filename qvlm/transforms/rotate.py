@@ -13,7 +13,7 @@ rms(h Q) = rms(h), so RMSNorm(h Q) = RMSNorm(h) Q. Rotating the residual stream 
 so the logits are unchanged up to float rounding (tests/unit/test_rotate.py). What changes is what the readers'
 activation quantizers see: RMSNorm(h) Q, where one huge channel is spread as +-x/sqrt(d) over all d channels.
 
-Q = diag(s) H / sqrt(d): a Hadamard matrix with random signs (qvlm.transforms.hadamard, Kronecker construction for
+Q = diag(s) H / sqrt(d): a Hadamard matrix with random signs (qvlm.core.hadamard, Kronecker construction for
 d = 576 = 12 x 12 x 4), seeded (the seed is the calibration seed, recorded); `kind="orthogonal"`: a Haar-random
 orthogonal matrix instead (any d).
 
@@ -21,10 +21,17 @@ Found by tracing, not names: readers = linears reading a norm's output inside th
 writers = the other linears of an LLM layer whose output width is the stream's width (checked: the FP logits must
 not move); the projector's writer = its last linear in forward order.
 
+Online Hadamard on the MLP output projection's input (`online=True`, the default; QuaRot's R4): down_proj reads
+act(gate) * up, which no offline rotation reaches, and is the layer with the heaviest-tailed input. Its weight
+becomes W H_n / sqrt(n) (a plain Hadamard matrix, no random signs: the run-time op is exactly the FWHT
+`qvlm.core.hadamard.fwht`, Kronecker for n = 1536 = 12 x 128) and the layer a `RotatedInputLinear`, which rotates
+its input at run time; `QuantLinear` carries the rotation (`input_transform="hadamard"`) so quantizers, GPTQ's
+Hessian and the packed kernels all see the rotated input. Found structurally: the last writer of each LLM layer in
+forward order (the MLP's output).
+
 Not rotated here (documented limits): the vision tower (its LayerNorm subtracts the mean, which a rotation does not
-commute with; SliceGPT's LayerNorm -> RMSNorm conversion would be needed), the attention heads (QuaRot's per-head
-Hadamard on v / o) and the down_proj input (QuaRot's online Hadamard, a run-time FWHT). The residual rotation alone
-is SpinQuant's R1.
+commute with; SliceGPT's LayerNorm -> RMSNorm conversion would be needed) and the attention heads (QuaRot's per-head
+Hadamard on v / o). The residual rotation alone (`online=False`) is SpinQuant's R1.
 
 References: QuaRot (Ashkboos et al. 2024) `rotation_utils.py::rotate_embeddings, rotate_attention_inputs,
 rotate_mlp_output, rotate_head`; SpinQuant (Liu et al. 2024) R1.
@@ -34,10 +41,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.hadamard import hadamard_matrix, random_hadamard, random_orthogonal
+from ..core.qlinear import RotatedInputLinear, set_module
 from ..errors import QVLMError
 from ..models import llava
 from .fold import fold_norms, is_norm, norm_linear_pairs
-from .hadamard import random_hadamard, random_orthogonal
 
 KINDS = ("hadamard", "orthogonal")
 
@@ -84,8 +92,9 @@ def _final_norm(model: nn.Module, batch: dict) -> tuple[str, nn.Module] | None:
 
 
 @torch.no_grad()
-def rotate_residual(model: nn.Module, batch: dict, seed: int = 0, kind: str = "hadamard") -> dict:
-    """Fold the norms, then rotate the LLM residual stream by Q, IN PLACE (module docstring). Returns its record."""
+def rotate_residual(model: nn.Module, batch: dict, seed: int = 0, kind: str = "hadamard", online: bool = True) -> dict:
+    """Fold the norms, then rotate the LLM residual stream by Q, IN PLACE (module docstring); with `online`, also
+    the MLP output projections' inputs by a run-time Hadamard. Returns its record."""
     if kind not in KINDS:
         raise QVLMError(f"unknown rotation kind {kind!r}", f"use one of {', '.join(KINDS)}")
     fold_norms(model, batch)
@@ -119,5 +128,26 @@ def rotate_residual(model: nn.Module, batch: dict, seed: int = 0, kind: str = "h
     for lin in writers:
         _rotate_out(lin, q)
     _rotate_out(proj[-1], q)
+    n_online = len(rotate_mlp_inputs(model, {id(w) for w in writers})) if online else 0
     return dict(kind=kind, seed=int(seed), dim=d, n_readers=len(readers), n_writers=len(writers) + 1,
-                untied_lm_head=tied)
+                untied_lm_head=tied, online_hadamard=n_online)
+
+
+@torch.no_grad()
+def rotate_mlp_inputs(model: nn.Module, writer_ids: set[int]) -> list[str]:
+    """W -> W H_n / sqrt(n) for the last writer of every LLM layer (its MLP output projection), swapped for a
+    RotatedInputLinear that applies x -> x H_n / sqrt(n) at run time: FP-identical (H orthogonal). Returns the names."""
+    last: dict[int, llava.LinearInfo] = {}
+    for info in llava.linear_layers(model, ("llm",)):              # forward order within each layer
+        if id(info.module) in writer_ids:
+            last[info.block] = info
+    done, hs = [], {}
+    for info in last.values():
+        lin, n = info.module, info.module.in_features
+        if n not in hs:
+            hs[n] = hadamard_matrix(n) / n ** 0.5                    # raises the one-line error for unknown orders
+        h = hs[n]
+        lin.weight.copy_((lin.weight.double() @ h).to(lin.weight.dtype))
+        set_module(model, info.name, RotatedInputLinear.from_linear(lin))
+        done.append(info.name)
+    return done

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core.hadamard import rotate_input
 from ..core.qlinear import QuantLinear
 
 _V_TO_O = (("v_proj", "o_proj"), ("v_proj", "out_proj"))
@@ -53,6 +54,8 @@ def _is_norm(m: nn.Module) -> bool:
 
 def _fold_partner(module_names: dict, ql: QuantLinear, qls_by_name: dict):
     """The QuantLinear whose output rows can absorb 1/s for `ql` (v -> o under MHA, up -> down), else None."""
+    if ql.input_transform is not None:              # the partner writes the input BEFORE the online rotation
+        return None
     name = module_names[id(ql)]
     parent, _, short = name.rpartition(".")
     for src, dst in _V_TO_O + _UP_TO_DOWN:
@@ -78,6 +81,7 @@ def find_groups(data, unfoldable: str = "input_scale") -> list[SmoothGroup]:
         x = args[0]
         if id(mod) not in first_input:
             first_input[id(mod)] = x
+        x = rotate_input(x, mod.input_transform)        # what the weight multiplies (an online Hadamard first)
         mask = cur_mask[0]
         xs = x[mask] if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]) else x.reshape(-1, x.shape[-1])
         xs = xs.float().abs()

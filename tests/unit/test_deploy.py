@@ -104,7 +104,7 @@ def _ql(w_bits=4, a_bits=4, group_size=0, seed=0, **kw):
 
 
 @pytest.mark.parametrize("variant", ["learned_rounding", "frozen_learned_rounding", "a_clip", "static_a_scale",
-                                     "input_scale", "w3a3"])
+                                     "dynamic_per_tensor", "input_scale", "w3a3"])
 def test_layer_variants_keep_the_codes_they_use(variant):
     """Learned rounding (frozen or not), a learned activation clip, a static activation step and an unfoldable
     smoothing scale all survive packing: the packed layer computes the QuantLinear's output."""
@@ -124,6 +124,8 @@ def test_layer_variants_keep_the_codes_they_use(variant):
         ql.act.a_granularity = "tensor"
         ql.set_tensor("a_scale", torch.tensor(0.05))
         ql.set_tensor("a_zero_point", torch.tensor(0.0))
+    elif variant == "dynamic_per_tensor":
+        ql.act.a_granularity = "tensor"
     elif variant == "input_scale":
         ql.set_tensor("input_scale", torch.rand(64) + 0.5)
     with torch.no_grad():
@@ -132,7 +134,12 @@ def test_layer_variants_keep_the_codes_they_use(variant):
         got = model[0](x)
     assert type(model[0]).__name__ == "DeployedLinear"
     if variant in ("a_clip", "static_a_scale"):
-        assert model[0].act == ("clip" if variant == "a_clip" else "static") and model.qvlm_deploy["notes"]
+        assert model[0].act == ("clip" if variant == "a_clip" else "static")
+        assert model[0].kernel_act_args(), "learned clip / static step: codes come from the act_quant kernel"
+        assert not model.qvlm_deploy["notes"]
+    if variant == "dynamic_per_tensor":                                    # a reduction over all tokens: torch codes
+        assert model[0].act == "tensor" and model[0].kernel_act_args() is None
+        assert "per-tensor" in model.qvlm_deploy["notes"][0]
     err = (got - y).abs().reshape(-1, y.shape[-1])
     assert bool((err <= _layer_tol(y, x, model[0])).all()), f"{variant}: max |diff| {float(err.max()):.3g}"
 
@@ -267,3 +274,22 @@ def test_layerwise_check_catches_a_wrong_layer(batch):
     model.get_submodule(name).scale.mul_(1.01)               # a 1 % scale error: far above roundoff
     bad = deploy.layerwise_check(model, io)
     assert bad["max_rel_err"] > deploy.layer_rtol(torch.float32) and bad["worst_layer"] == name
+
+
+def test_rotated_model_deploys_with_the_online_hadamard(tmp_path):
+    """QuaRot's online Hadamard on down_proj survives deployment: the packed layers rotate their input (the Triton
+    FWHT kernel in the interpreter), the layer-local contract holds, predictions agree, and the packed checkpoint
+    round-trips with the rotation."""
+    model, processor = models.load("tiny")
+    samples = data.load_split("tiny", "val", limit=12)
+    row = experiments.run_one(model, processor, "rtn", "W4A4", transform="rotate", samples=samples,
+                              eval=EvalConfig(batch_size=12), deploy=True, keep_model=True)
+    packed = row["model_object"]
+    downs = [m for n, m in deploy.packed_linears(packed) if n.endswith("mlp.down_proj")]
+    assert downs and all(m.input_transform == "hadamard" for m in downs)
+    assert row["layer_max_rel_err"] <= deploy.layer_rtol(torch.float32)
+    assert row["agreement"] >= 0.9
+    b = data.collate(samples[:2], processor)
+    back, _ = deploy.load_packed(deploy.save_packed(packed, tmp_path / "p", processor=processor))
+    assert all(m.input_transform == "hadamard" for n, m in deploy.packed_linears(back) if n.endswith("mlp.down_proj"))
+    assert torch.equal(_logits(back, b), _logits(packed, b))

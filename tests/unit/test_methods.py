@@ -13,6 +13,7 @@ from qvlm import data as qdata
 from qvlm.config import CalibConfig, QuantConfig
 from qvlm.errors import QVLMError
 from qvlm.evaluate import evaluate
+from qvlm.methods import mbq
 from qvlm.methods.awq import search_clip
 from qvlm.methods.gptq import gptq_quantize_weight, hessian_error
 from qvlm.core.reconstruct import ReconConfig, objective, reconstruct
@@ -26,7 +27,7 @@ SMALL = dict(vision_hidden=32, vision_layers=2, vision_heads=2, vision_mlp=64,
 OTHER = dict(vision_hidden=48, vision_layers=3, vision_heads=3, vision_mlp=80,
              text_hidden=40, text_layers=3, text_heads=5, text_kv_heads=1, text_mlp=72, patch_size=16)
 CAL = CalibConfig(n_calib=4, batch_size=2, seed=0)
-FAST = dict(adaround=dict(iters=10), brecq=dict(iters=10), awq=dict(n_grid=5))
+FAST = dict(adaround=dict(iters=10), brecq=dict(iters=10), awq=dict(n_grid=5), mbq=dict(n_grid=5))
 
 
 def _small(**over):
@@ -50,7 +51,7 @@ def _logits(model, processor, n=4):
 
 # ------------------------------------------------------------------------------------------------ registry
 def test_registry():
-    for name in ("fp", "rtn", "smoothquant", "gptq", "awq", "adaround", "brecq"):
+    for name in ("fp", "rtn", "smoothquant", "gptq", "awq", "quarot", "mbq", "adaround", "brecq"):
         assert methods.get(name).name == name
     with pytest.raises(QVLMError, match="unknown method"):
         methods.get("nope")
@@ -147,7 +148,7 @@ def test_driver_streams_match_the_fp_model(small):
     assert seen["llm.1"].masks[0].shape == b["attention_mask"].shape
 
 
-@pytest.mark.parametrize("name", ["adaround", "brecq", "awq", "gptq"])
+@pytest.mark.parametrize("name", ["adaround", "brecq", "awq", "gptq", "quarot", "mbq"])
 def test_learned_methods_lower_their_objective_in_real_blocks(small, name):
     model = copy.deepcopy(small[0])
     _, info = methods.quantize(model, small[1], name, QuantConfig(4, 8), CAL, progress=False, **FAST.get(name, {}))
@@ -170,6 +171,29 @@ def test_smoothquant_is_exact_in_fp_and_folds_everywhere(small):
     assert folds == {"norm", "linear", "none"}    # LayerNorm/RMSNorm, v->out_proj & up->down, input scale (GQA, GELU)
 
 
+def test_mbq_weights_image_and_text_tokens_by_their_gradient(small):
+    model, processor = copy.deepcopy(small[0]), small[1]
+    samples = qdata.calibration_set("tiny", 4, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sens = mbq.modality_sensitivity(model, processor, samples, batch_size=2, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())       # the model is unchanged
+    assert all(p.grad is None for p in model.parameters())
+    assert len(sens) == 2 and all(s["n_image"] > 0 and s["n_text"] > 0 and s["text"] > 0 for s in sens.values())
+    assert sens[0]["image"] > 0                      # image tokens reach the answer through later layers' attention
+    assert sens[1]["image"] == 0                     # ... but not from the last layer (causal: only its own logits)
+    _, info = methods.quantize(model, processor, "mbq", QuantConfig(4, 8), CAL, progress=False, n_grid=5)
+    ratios = [st["image_weight"] for k, st in info["blocks"].items() if k.startswith("llm.")]
+    assert ratios == [pytest.approx(sens[i]["image"] / sens[i]["text"]) for i in range(2)]
+
+
+def test_token_weights_change_the_objective():
+    y, t = torch.zeros(1, 3, 2), torch.tensor([[[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]])     # errors 1, 4, 2
+    fwd = lambda x, i: x                                                                      # noqa: E731
+    w = [torch.tensor([[3.0, 1.0, 1.0]])]
+    assert objective(fwd, [y], [t]) == pytest.approx(7 / 3)
+    assert objective(fwd, [y], [t], weights=w) == pytest.approx(9 / 3)
+
+
 def test_static_activation_ranges_are_calibrated(small):
     model = copy.deepcopy(small[0])
     methods.quantize(model, small[1], "rtn", QuantConfig(8, 8, a_granularity="tensor"), CAL, progress=False)
@@ -177,7 +201,7 @@ def test_static_activation_ranges_are_calibrated(small):
     assert qls and all(m.a_scale is not None and m.weight_on_grid for m in qls)
 
 
-@pytest.mark.parametrize("name", ["brecq", "awq"])
+@pytest.mark.parametrize("name", ["brecq", "awq", "mbq"])
 def test_same_seed_same_model(small, name):
     outs = []
     for _ in range(2):
@@ -188,7 +212,7 @@ def test_same_seed_same_model(small, name):
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("name", ["fp", "rtn", "smoothquant", "gptq", "awq", "adaround", "brecq"])
+@pytest.mark.parametrize("name", ["fp", "rtn", "smoothquant", "gptq", "awq", "mbq", "adaround", "brecq"])
 def test_other_architecture_quantizes_and_evaluates(name):
     model, processor = _small(**OTHER)
     qcfg = QuantConfig(4, 4, group_size=8)

@@ -1,4 +1,4 @@
-"""qvlm.transforms.hadamard and .rotate: Hadamard matrices of the sizes real models use (Kronecker of Paley and
+"""qvlm.core.hadamard and .rotate: Hadamard matrices of the sizes real models use (Kronecker of Paley and
 Sylvester factors: 576 = 12 x 12 x 4, 1536 = 12 x 128) are Hadamard, the FWHT equals the matrix product, and the
 residual rotation keeps the FP logits of tiny and of a random LLaVA with a DINOv2 tower, GQA and tied embeddings
 while spreading an outlier channel of the readers' inputs.
@@ -13,12 +13,13 @@ import torch
 from random_llava import dinov2_llava
 
 from qvlm import data, experiments, models
-from qvlm.config import CalibConfig, EvalConfig
+from qvlm.config import CalibConfig, EvalConfig, QuantConfig
 from qvlm.core.checkpoint import load_quantized, save_quantized
+from qvlm.core.hadamard import factors, fwht, hadamard_matrix, random_hadamard
+from qvlm.core.qlinear import QuantLinear, RotatedInputLinear, restore_rotated_linears, rotated_linears
 from qvlm.core.hooks import model_inputs
 from qvlm.errors import QVLMError
 from qvlm.transforms import apply as apply_transform
-from qvlm.transforms.hadamard import factors, fwht, hadamard_matrix, random_hadamard
 from qvlm.transforms.rotate import rotate_residual
 
 RTOL = 1e-4
@@ -69,6 +70,43 @@ def test_rotation_keeps_the_logits_of_a_dinov2_llava_with_tied_embeddings(kind):
     assert _close(got, ref)
     assert rec["untied_lm_head"] and model.lm_head.weight is not model.get_input_embeddings().weight
     assert rec["n_readers"] == 2 * 5 and rec["n_writers"] == 2 * 2 + 1          # q,k,v,gate,up | o,down + projector
+    assert rec["online_hadamard"] == 2                                          # every LLM layer's down_proj
+    downs = [m for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
+    assert downs and all(isinstance(m, RotatedInputLinear) for m in downs)
+
+
+def test_online_hadamard_is_carried_by_quantlinear_and_spreads_the_down_proj_input():
+    model, batch = _dinov2_llava()
+    down = model.model.language_model.layers[0].mlp.down_proj
+    seen = {}
+    with torch.no_grad():
+        model.model.language_model.layers[0].mlp.up_proj.weight[5] *= 50.0    # a planted outlier channel of its input
+    h = down.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach().clone()))
+    with torch.no_grad():
+        model(**batch)
+    h.remove()
+    rotate_residual(model, batch, seed=1)
+    rot = model.model.language_model.layers[0].mlp.down_proj
+    ql = QuantLinear.from_linear(rot, QuantConfig(w_bits=16, a_bits=16))
+    assert ql.input_transform == "hadamard" and ql.spec()["input_transform"] == "hadamard"
+    x = seen["x"]
+    with torch.no_grad():
+        assert torch.allclose(ql(x), rot(x), atol=1e-6)            # 16-bit QuantLinear == the FP rotated layer
+        assert torch.allclose(ql.prepare_input(x), fwht(x), atol=0)
+    ratio = lambda t: float(t.abs().amax((0, 1)).max() / t.abs().amax((0, 1)).median())   # noqa: E731
+    assert ratio(x) > 10 and ratio(fwht(x)) < ratio(x) / 4, (ratio(x), ratio(fwht(x)))
+    with pytest.raises(QVLMError, match="input_transform"):
+        QuantLinear(8, 8, input_transform="givens")
+
+
+def test_rotated_fp_linears_are_restored_by_name():
+    model, batch = _dinov2_llava()
+    rotate_residual(model, batch, seed=0)
+    names = rotated_linears(model)
+    assert len(names) == 2
+    fresh, _ = _dinov2_llava()
+    restore_rotated_linears(fresh, names)
+    assert all(isinstance(fresh.get_submodule(n), RotatedInputLinear) for n in names)
 
 
 def test_rotation_of_tiny_keeps_the_logits_and_spreads_an_outlier():
@@ -104,5 +142,15 @@ def test_quarot_rotated_checkpoint_round_trips(tmp_path):
     save_quantized(q, experiments.setting_of("W4A8"), {"name": "quarot"}, tmp_path / "q", base_model="tiny")
     back, _ = load_quantized(tmp_path / "q")
     batch = model_inputs(q, data.collate(samples, processor))
+    downs = [m for n, m in back.named_modules() if n.endswith("mlp.down_proj")]
+    assert downs and all(m.input_transform == "hadamard" for m in downs)       # the online rotation reloads
     with torch.no_grad():
         assert torch.allclose(back(**batch).logits, q(**batch).logits, atol=1e-4)
+
+
+def test_method_plus_transform_variants():
+    v = experiments.variant("qvlm+rotate")
+    assert (v["label"], v["method"], v["transform"]) == ("qvlm+rotate", "qvlm", "rotate")
+    assert experiments.variant("gptq")["transform"] is None
+    with pytest.raises(QVLMError, match="unknown transform 'spin'"):
+        experiments.variant("qvlm+spin")

@@ -4,6 +4,8 @@ reference of an online rotation).
     hadamard_matrix(n)          (n, n) entries +-1, H H^T = n I; n = 2^k, or a product of Paley orders and 2^k
     random_hadamard(n, seed)    H diag(s) / sqrt(n) with random signs s: orthogonal, seeded (QuaRot's rotation)
     fwht(x)                     x @ H_n / sqrt(n) along the last dim, in O(n log n) for the power-of-two factor
+    kernel_base(n)              the (m, m) non-power-of-two factor of H_n (None if n = 2^k): what the Triton
+                                kernel `kernels.hadamard` takes beside x (it applies H_n = base (x) H_{n/m})
 
 Sizes that are not a power of two (SmolLM2's hidden 576 = 12 x 12 x 4, its MLP 1536 = 12 x 128) use the Kronecker
 product of Hadamard matrices, which is again a Hadamard matrix: H_{ab} = H_a (x) H_b. The non-power-of-two factors
@@ -22,6 +24,7 @@ import torch
 
 from ..errors import QVLMError
 
+INPUT_TRANSFORMS = (None, "hadamard")          # online input rotations a layer may run (QuantLinear.input_transform)
 _PALEY_PRIMES = (3, 7, 11, 19, 23, 31, 43, 47, 59, 67, 71, 79, 83)   # q = 3 mod 4: orders q + 1
 
 
@@ -78,6 +81,22 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     return h
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_base(n: int, device: str) -> torch.Tensor | None:
+    fs = factors(n)
+    if not fs:
+        hadamard_matrix(n)                                  # raises the one-line error
+    base = torch.ones(1, 1, dtype=torch.float64)
+    for m in fs[:-1]:                                       # factors() puts the power of two last
+        base = torch.kron(base, _base(m))
+    return None if base.shape[0] == 1 else base.to(device=device, dtype=torch.float32)
+
+
+def kernel_base(n: int, device="cpu") -> torch.Tensor | None:
+    """(m, m) fp32 +-1 matrix with H_n = kron(base, H_{n/m}) and n/m a power of two (None when n = 2^k)."""
+    return _kernel_base(int(n), str(device))
+
+
 def random_signs(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed))
     return torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
@@ -123,3 +142,9 @@ def _butterflies(y: torch.Tensor, axis: int, m: int) -> torch.Tensor:
         y = torch.stack([a + b, a - b], dim=-2)
         h *= 2
     return torch.movedim(y.reshape(shape), -1, axis)
+
+
+def rotate_input(x: torch.Tensor, input_transform: str | None) -> torch.Tensor:
+    """A layer's online input rotation: fwht(x) for "hadamard", else x unchanged (what the layer's weight multiplies;
+    taps that record a layer's input apply it, e.g. qvlm.core.hooks.InputTap)."""
+    return fwht(x) if input_transform == "hadamard" else x
