@@ -1,10 +1,11 @@
-"""Command line: `qvlm eval`, `qvlm quantize`, `qvlm run`, `qvlm deploy`.
+"""Command line: `qvlm eval`, `qvlm quantize`, `qvlm run`, `qvlm deploy`, `qvlm export`.
 
     qvlm eval --model tiny --split test
     qvlm quantize --model tiny --method gptq --w-bits 4 --a-bits 16 --group-size 32 --calib 64 --out runs/gptq-w4
     qvlm eval --model runs/gptq-w4                       # a saved directory reloads through qvlm.loading.load
     qvlm run --model tiny --methods rtn,brecq,qvlm --settings W4A4,W6A6 --seeds 0,1,2 --iters 50 --json r.json
     qvlm deploy runs/gptq-w4 --out runs/gptq-w4-packed
+    qvlm export runs/gptq-w4 --format compressed-tensors --out runs/gptq-w4-ct   # transformers / vLLM load it
 
 Every method's knobs are flags generated from its config dataclass (`--max-depth 2`, `--eta 1.0`, ...; `qvlm
 quantize --method qvlm --help` lists them with their documented defaults); a flag no selected method has is an

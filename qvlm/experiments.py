@@ -16,12 +16,14 @@ Each call quantizes a fresh deep copy of the FP model, so the FP model is never 
     with deploy=True: packed_acc, agreement, layer_max_rel_err, scheme  (the packed model on the same samples)
 
 `summarize(rows)` (qvlm.report.stats) turns per-seed rows into mean +- std per (method, setting).
+`export_row(...)` exports a quantized copy as compressed-tensors and compares the transformers reload with it.
 `transform_outliers(...)` is the outlier picture (qvlm.analysis.outliers) of the FP model after each transform.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -36,6 +38,7 @@ from .core.checkpoint import FINGERPRINT_ATTR, fingerprint
 from .core.cost import measure
 from .core.qlinear import QuantLinear, quant_linears
 from .deploy.layer import scheme
+from .deploy.export import export_compressed_tensors, load_export
 from .deploy.pack import deploy as pack_model
 from .deploy.pack import pack_layer
 from .deploy.verify import LOCAL_ROWS, integer_accumulator, layerwise_check
@@ -218,6 +221,28 @@ def probe_accumulator(model: nn.Module, processor, setting, samples: list[dict],
     acc_kernel, acc_fake = integer_accumulator(qls[probe], pack_layer(qls[probe]), seen[0])
     return dict(setting=qcfg.setting, layer=probe, shape=tuple(acc_kernel.shape), K=seen[0].shape[-1],
                 max_abs=int(acc_kernel.abs().max()), max_abs_diff=int((acc_kernel - acc_fake).abs().max()))
+
+
+def export_row(model: nn.Module, processor, method: str, setting, out_dir, seed: int = 0, *,
+               eval: EvalConfig | None = None, calib: CalibConfig | None = None) -> dict:
+    """Quantize a copy with `method`, export it as compressed-tensors to `out_dir` (qvlm.deploy.export), reload it
+    with transformers' from_pretrained and evaluate both on the same samples: one row with the fake-quant and the
+    reloaded accuracy, their prediction agreement, whether the reloaded weights are bit-exact, the formats used and
+    the export's size on disk."""
+    eval = eval or EvalConfig()
+    samples = eval_samples(eval)
+    row = run_one(model, processor, method, setting, seed, calib=calib, eval=eval, samples=samples, keep_model=True)
+    qmodel = row.pop("model_object")
+    summary = export_compressed_tensors(qmodel, out_dir, processor=processor)
+    back, back_processor = load_export(out_dir, device=llava.model_device(qmodel).type)
+    fake = predict(qmodel, processor, samples, eval.batch_size, progress=False)
+    got = predict(back, back_processor, samples, eval.batch_size, progress=False)
+    acc = lambda preds: sum(p == s["answer"] for p, s in zip(preds, samples)) / len(samples)  # noqa: E731
+    return dict(method=method, setting=row["setting"], seed=seed, fake_acc=acc(fake), reloaded_acc=acc(got),
+                agreement=sum(a == b for a, b in zip(fake, got)) / len(samples), n_eval=len(samples),
+                weights_bit_exact=summary["weights_bit_exact"],
+                formats="+".join(sorted({g["scheme"]["format"] for g in summary["groups"].values()})),
+                disk_mib=sum(f.stat().st_size for f in Path(out_dir).iterdir() if f.is_file()) / 2 ** 20)
 
 
 def transformed(model: nn.Module, processor, name: str, calib: CalibConfig | None = None,

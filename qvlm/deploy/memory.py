@@ -2,8 +2,10 @@
 packed model (and its directory) or computed by formula from a model's discovered structure.
 
     memory_report(packed_model, packed_dir)          measured, per category (codes, scales, embeddings, norms, ...)
-    formula_bytes(model, w_bits, group_size)         by formula from llava.linear_layers(model): works on a model
-                                                     built on the meta device, e.g. reference_model("llava-1.5-13b")
+    formula_bytes(model, w_bits, group_size, fmt=)   by formula from llava.linear_layers(model): works on a model
+                                                     built on the meta device, e.g. reference_model("llava-1.5-13b");
+                                                     fmt "qvlm" (ours) or "compressed-tensors" (`qvlm export`)
+    memory_table({name: model}, settings)            both formats side by side, one row per model x setting x format
     reference_model(name)                            LLaVA-1.5-7B / 13B on the meta device (no weights), from their
                                                      public config values, to state memory at the paper's widths
 
@@ -29,13 +31,30 @@ from .layer import is_packed
 FP16_BYTES = 2
 
 
+MEMORY_FORMATS = ("qvlm", "compressed-tensors")
+
+
 def linear_bytes(out_features: int, in_features: int, w_bits: int = 4, group_size: int = 0,
-                 symmetric: bool = True) -> dict:
-    """Bytes of one packed linear weight (codes + fp32 scales [+ zero points]) vs its FP16 weight, by formula."""
-    container = 4 if w_bits <= 4 else 8
+                 symmetric: bool = True, fmt: str = "qvlm") -> dict:
+    """Bytes of one quantized linear weight vs its FP16 weight, by formula, in one of MEMORY_FORMATS:
+
+        qvlm                 our packed checkpoint: int4 codes two per byte (w_bits <= 4) or int8 codes, fp32
+                             scales [+ fp32 zero points] per channel or group (kernels.PackedLinear)
+        compressed-tensors   `qvlm export`: codes packed densely into int32 words (ceil(K * w_bits / 32) per row:
+                             pack-quantized) or int8 (w8a8: int-quantized), scales in the serving dtype (FP16 here),
+                             int8 zero points (asymmetric int-quantized), weight_shape (2 x int64, pack-quantized)
+    """
+    if fmt not in MEMORY_FORMATS:
+        raise QVLMError(f"unknown memory format {fmt!r}", f"use one of {', '.join(MEMORY_FORMATS)}")
     n_groups = in_features // group_size if group_size else 1
-    codes = out_features * in_features * container // 8
-    qparams = out_features * n_groups * 4 * (1 if symmetric else 2)
+    if fmt == "qvlm":
+        container = 4 if w_bits <= 4 else 8
+        codes = out_features * in_features * container // 8
+        qparams = out_features * n_groups * 4 * (1 if symmetric else 2)
+    else:
+        packed = w_bits < 8
+        codes = out_features * (-(-in_features * w_bits // 32) * 4 if packed else in_features)
+        qparams = out_features * n_groups * (FP16_BYTES + (0 if symmetric else 1)) + (16 if packed else 0)
     fp16 = out_features * in_features * FP16_BYTES
     return dict(codes=codes, qparams=qparams, bytes=codes + qparams, fp16_bytes=fp16, ratio=fp16 / (codes + qparams))
 
@@ -64,9 +83,9 @@ def reference_model(name: str) -> nn.Module:
 
 
 def formula_bytes(model: nn.Module, w_bits: int = 4, group_size: int = 0, symmetric: bool = True,
-                  scope=SCOPES) -> dict:
+                  scope=SCOPES, fmt: str = "qvlm") -> dict:
     """Packed vs FP16 bytes of `model` by formula: every linear of `scope` (llava.linear_layers) packed with
-    linear_bytes (a group size that does not divide a width falls back to per channel for that layer), every
+    linear_bytes in format `fmt` (a group size that does not divide a width falls back to per channel), every
     other parameter FP16. Keys: linear_bytes, linear_fp16_bytes, linear_ratio, rest_fp16_bytes, model_bytes,
     model_fp16_bytes, model_ratio, n_linears."""
     lins = llava.linear_layers(model, scope)
@@ -75,7 +94,7 @@ def formula_bytes(model: nn.Module, w_bits: int = 4, group_size: int = 0, symmet
     for i in lins:
         m = i.module
         g = group_size if group_size and m.in_features % group_size == 0 else 0
-        b = linear_bytes(m.out_features, m.in_features, w_bits, g, symmetric)
+        b = linear_bytes(m.out_features, m.in_features, w_bits, g, symmetric, fmt)
         lb, lf = lb + b["bytes"], lf + b["fp16_bytes"]
     seen, rest = set(ids), 0
     for p in model.parameters():
@@ -85,6 +104,23 @@ def formula_bytes(model: nn.Module, w_bits: int = 4, group_size: int = 0, symmet
     return dict(n_linears=len(lins), linear_bytes=lb, linear_fp16_bytes=lf, linear_ratio=lf / lb,
                 rest_fp16_bytes=rest, model_bytes=lb + rest, model_fp16_bytes=lf + rest,
                 model_ratio=(lf + rest) / (lb + rest))
+
+
+def memory_table(models: dict[str, nn.Module], settings=((4, 0), (4, 128), (8, 0)), scope=SCOPES) -> list[dict]:
+    """One row per (model, setting, format): linear and whole-model bytes vs FP16 by formula (formula_bytes), for
+    our packed format and compressed-tensors. `settings` are (w_bits, group_size) pairs; 8 bits is the W8A8 weight
+    (int8 codes in both formats). What stays FP16 is the same in both: see the module docstring."""
+    rows = []
+    for name, model in models.items():
+        for w_bits, group_size in settings:
+            for fmt in MEMORY_FORMATS:
+                f = formula_bytes(model, w_bits, group_size, True, scope, fmt)
+                rows.append(dict(model=name, setting=f"W{w_bits}" + (f"G{group_size}" if group_size else ""),
+                                 format=fmt, linear_mib=f["linear_bytes"] / 2 ** 20,
+                                 linear_fp16_mib=f["linear_fp16_bytes"] / 2 ** 20, linear_ratio=f["linear_ratio"],
+                                 fp16_rest_mib=f["rest_fp16_bytes"] / 2 ** 20, model_mib=f["model_bytes"] / 2 ** 20,
+                                 model_fp16_mib=f["model_fp16_bytes"] / 2 ** 20, model_ratio=f["model_ratio"]))
+    return rows
 
 
 CATEGORIES = ("linear codes", "linear scales / zero points", "activation quant params", "linear biases",

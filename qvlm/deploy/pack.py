@@ -92,7 +92,7 @@ def check_deployable(model: nn.Module) -> dict[str, str]:
     return {name: why for name, ql in quant_linears(model) if (why := _problem(ql)) is not None}
 
 
-def _fp_linear(ql) -> nn.Linear:
+def fp_linear(ql) -> nn.Linear:
     """A 16-bit QuantLinear as the plain nn.Linear it equals (an unfoldable input_scale is folded back)."""
     cls = RotatedInputLinear if ql.input_transform == "hadamard" else nn.Linear      # keeps the online rotation
     lin = cls(ql.in_features, ql.out_features, ql.bias is not None, device="meta")
@@ -146,7 +146,7 @@ def deploy(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, ql in qls:
             if not (ql.quantizes_weight or ql.quantizes_act):
-                set_module(model, name, _fp_linear(ql))
+                set_module(model, name, fp_linear(ql))
                 fp += 1
                 continue
             layer = pack_layer(ql)

@@ -23,7 +23,8 @@ from . import llava, smol  # noqa: F401  (llava: structure discovery; smol: the 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHIPPED = ("tiny", "smol")         # model names that load without a path (their files ship under data/)
-MARKERS = {"qvlm_quant.json": "a `qvlm quantize` output", "qvlm_packed.json": "a `qvlm deploy` output"}
+MARKERS = {"qvlm_quant.json": "a `qvlm quantize` output", "qvlm_packed.json": "a `qvlm deploy` output",
+           "qvlm_export.json": "a `qvlm export` output"}
 
 
 def resolve_path(name_or_path: str) -> Path:

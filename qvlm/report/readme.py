@@ -45,10 +45,13 @@ def testbed_section(name: str) -> list[str]:
            "| FP | " + _pct(fp["accuracy"]) + " | " + " | ".join(_pct(fp["per_category"][c]) for c in cats) + " |", ""]
     if sens:
         out += [f"Naive RTN on test (n = {sens['n']}; per-channel symmetric weights, per-token activations, vision + "
-                "projector + LLM), without and with the norm gains folded into the reading linears:", "",
-                "| FP | RTN W8A8 | RTN W4A4 | RTN W8A8, folded | RTN W4A4, folded |", "|---|---|---|---|---|",
+                "projector + LLM), plain, with the norm gains folded into the reading linears, and after the "
+                "seeded QuaRot rotation (`--transform rotate`, seed 0):", "",
+                "| FP | RTN W8A8 | RTN W4A4 | RTN W8A8, folded | RTN W4A4, folded | RTN W8A8, rotated | "
+                "RTN W4A4, rotated |", "|---|---|---|---|---|---|---|",
                 f"| {_pct(sens['fp'])} | {_pct(sens['rtn_w8a8'])} | {_pct(sens['rtn_w4a4'])} | "
-                f"{_pct(sens.get('rtn_w8a8_fold'))} | {_pct(sens.get('rtn_w4a4_fold'))} |", ""]
+                f"{_pct(sens.get('rtn_w8a8_fold'))} | {_pct(sens.get('rtn_w4a4_fold'))} | "
+                f"{_pct(sens.get('rtn_w8a8_rotate'))} | {_pct(sens.get('rtn_w4a4_rotate'))} |", ""]
     return out
 
 
