@@ -14,6 +14,7 @@ gives the `base` for which this equals `qvlm.core.hadamard.fwht` (the kernels pa
     hadamard(x, base)                            Triton: (..., n) -> (..., n), x's dtype (fp16 / bf16 / fp32)
     hadamard_ref(x, base)                        the same in plain torch (fp32 math)
     hadamard_act_quant(x, base, a_bits, pack)    Triton: the transform fused with `act_quant`'s per-token codes
+    supported(n, base)                           whether the kernel handles this size (else use the torch FWHT)
 
 Kernel layout. Each program owns BLOCK_M whole rows, loaded as one (BLOCK_M, NM, T) tile (T <= 256 channels per
 chunk, NM chunks), so the row never goes back to memory between the two stages (the transform is memory-bound):
@@ -90,6 +91,16 @@ def _plan(n: int, base: torch.Tensor | None) -> dict:
     return dict(NM=NM, T=T, P1=P1, HAS_BASE=base is not None,
                 M_PAD=1 if NM == 1 else max(16, triton.next_power_of_2(NM)),   # tl.dot needs dims >= 16
                 T_PAD=max(16, T))
+
+
+def supported(n: int, base: torch.Tensor | None) -> bool:
+    """True when the kernel handles n channels with this base (n = m * 2^k and a chunk-mixing matrix <= MAX_MIX):
+    callers fall back to the torch FWHT otherwise (e.g. 576 = 144 x 4)."""
+    try:
+        _plan(n, base)
+    except QVLMError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------- kernels

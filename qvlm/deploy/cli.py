@@ -20,9 +20,9 @@ def _check_dirs(args, marker: str, what: str) -> tuple[Path, Path]:
     src, out = Path(args.dir), Path(args.out)
     if not src.is_dir():
         raise QVLMError(f"{args.dir} not found (not a directory)", "pass a directory written by `qvlm quantize --out`")
-    if (src / PACKED_META).is_file() or (src / EXPORT_META).is_file():
-        raise QVLMError(f"{args.dir} is already a packed or exported model",
-                        "pass the `qvlm quantize` directory it came from")
+    for done, kind in ((PACKED_META, "packed model"), (EXPORT_META, "compressed-tensors export")):
+        if (src / done).is_file():
+            raise QVLMError(f"{args.dir} is already a {kind}", "pass the `qvlm quantize` directory it came from")
     if not (src / QUANT_META).is_file():
         raise QVLMError(f"{args.dir} is not a quantized-model directory (no {QUANT_META})",
                         "create one with `qvlm quantize --model M --method rtn ... --out DIR`")

@@ -4,7 +4,8 @@ carry beyond it.
     int4 codes two per byte (w4a16, w4a4) or int8 codes (w8a8) along K, fp32 scale (+ zero_point when asymmetric)
     per output channel or group, multiplied by the Triton GEMMs of `kernels`;
     an optional online input rotation (`input_transform="hadamard"`: QuaRot's down_proj FWHT, `kernels.hadamard`
-    on the kernel path, `qvlm.core.hadamard.fwht` on the reference path), applied first;
+    on the kernel path for the sizes it handles, `qvlm.core.hadamard.fwht` otherwise and on the reference path),
+    applied first;
     an optional smoothing `input_scale` (a SmoothQuant / AWQ scale that could not be folded), divided out next;
     an activation quantizer: "token" (dynamic per-token symmetric), "clip" (per-token ranges shrunk by a learned
     clipping ratio) or "static" (a calibrated symmetric per-tensor step) -- all three computed by the
@@ -23,7 +24,7 @@ import contextlib
 import torch
 from torch import nn
 
-from kernels import (PackedLinear, act_quant, act_quant_ref, can_launch, hadamard, pack_int4, w4a4_matmul, w4a4_ref, w4a16_matmul,
+from kernels import (PackedLinear, act_quant, act_quant_ref, can_launch, hadamard, hadamard_supported, pack_int4, w4a4_matmul, w4a4_ref, w4a16_matmul,
                      w4a16_ref, w8a8_matmul, w8a8_ref)
 from kernels.pack import PackedWeight
 
@@ -121,7 +122,8 @@ class DeployedLinear(PackedLinear):
         launch = can_launch(x2) and _KERNELS["on"]
         block = INTERPRETER_BLOCK if launch and not x2.is_cuda else None        # None: autotune on CUDA
         if self.input_transform == "hadamard":                                  # online rotation (weight holds W H)
-            x2 = hadamard(x2, kernel_base(self.in_features, x2.device)) if launch else fwht(x2)
+            base = kernel_base(self.in_features, x2.device)
+            x2 = hadamard(x2, base) if launch and hadamard_supported(self.in_features, base) else fwht(x2)
         if self.input_scale is not None:
             x2 = x2 / self.input_scale.to(x2.dtype)              # smoothing (weight holds W * input_scale)
         zp = None if self.symmetric else self.zero_point

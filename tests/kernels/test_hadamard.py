@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels import act_quant_ref, hadamard, hadamard_act_quant, hadamard_ref, unpack_int4
+from kernels import act_quant_ref, hadamard, hadamard_act_quant, hadamard_ref, hadamard_supported, unpack_int4
 from kernels.testing import UNIT_ROUNDOFF, assert_close_where
 from qvlm.core.hadamard import fwht, hadamard_matrix, kernel_base
 from qvlm.errors import QVLMError
@@ -94,6 +94,13 @@ def test_bad_sizes_raise_one_line_errors(n, base, match, device):
     b = {None: None, "eye5": torch.eye(5), "rect": torch.ones(2, 3), "kb": kernel_base(n)}[base]
     with pytest.raises(QVLMError, match=match):
         hadamard(torch.randn(3, n, device=device), b)
+    if base != "rect":
+        assert not hadamard_supported(n, b)                           # callers fall back to the torch FWHT
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_supported_sizes(n):
+    assert hadamard_supported(n, kernel_base(n))
 
 
 def test_bad_dtype_and_tile_raise(device):

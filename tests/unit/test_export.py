@@ -148,7 +148,7 @@ def test_cli_export_and_eval(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["export", str(ct), "--format", "compressed-tensors", "--out", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("qvlm: error:") and "already a packed or exported model" in err[-1]
+    assert err[-1].startswith("qvlm: error:") and "already a compressed-tensors export" in err[-1]
     q4 = tmp_path / "q4"
     assert cli.main(["quantize", "--model", "tiny", "--method", "rtn", "--w-bits", "4", "--a-bits", "4",
                      "--out", str(q4), *fast]) == 0

@@ -71,6 +71,10 @@ def test_rotation_keeps_the_logits_of_a_dinov2_llava_with_tied_embeddings(kind):
     assert rec["untied_lm_head"] and model.lm_head.weight is not model.get_input_embeddings().weight
     assert rec["n_readers"] == 2 * 5 and rec["n_writers"] == 2 * 2 + 1          # q,k,v,gate,up | o,down + projector
     assert rec["online_hadamard"] == 2                                          # every LLM layer's down_proj
+    vis = [n for n, m in model.named_modules() if n.startswith(("model.vision_tower", "model.multi_modal_projector"))
+           and isinstance(m, torch.nn.Linear)]
+    assert vis and rec["online_hadamard_vision"] == len(vis)                   # every vision + projector linear
+    assert all(isinstance(dict(model.named_modules())[n], RotatedInputLinear) for n in vis)
     downs = [m for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
     assert downs and all(isinstance(m, RotatedInputLinear) for m in downs)
 
@@ -103,7 +107,7 @@ def test_rotated_fp_linears_are_restored_by_name():
     model, batch = _dinov2_llava()
     rotate_residual(model, batch, seed=0)
     names = rotated_linears(model)
-    assert len(names) == 2
+    assert len(names) == 2 + 14                     # 2 down_proj + 2 x 6 vision linears + 2 projector linears
     fresh, _ = _dinov2_llava()
     restore_rotated_linears(fresh, names)
     assert all(isinstance(fresh.get_submodule(n), RotatedInputLinear) for n in names)
