@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -94,3 +95,12 @@ def load_artifact(kind: str, cls, path: str | os.PathLike, writer: str):
         raise QVLMError(f"{path} is not a {kind} artifact", f"pass a file written by {writer}")
     d.pop("kind")
     return cls(**d)
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checksums of converted weights, wheels and exports)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -44,7 +44,6 @@ llm-compressor's `save_pretrained` wrapper (the same four steps); transformers `
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 
@@ -59,7 +58,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from ..core.qlinear import quant_linears, rotated_linears, set_module
 from ..errors import QVLMError
-from ..utils import atomic_dir, atomic_write_json
+from ..utils import atomic_dir, atomic_write_json, sha256
 from .pack import fp_linear
 
 FORMATS = ("compressed-tensors",)
@@ -171,14 +170,6 @@ def _fill_qparams(module: nn.Module, ql, scheme: dict) -> None:
     module.quantization_status = QuantizationStatus.FROZEN
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_compressed_tensors(model: nn.Module, out, *, processor=None, source: dict | None = None) -> dict:
     """Write `model` (a fake-quant model: QuantLinear layers) to `out` as a compressed-tensors checkpoint that
     `LlavaForConditionalGeneration.from_pretrained(out)` loads. Checks every layer first (one QVLMError naming the
@@ -219,7 +210,7 @@ def export_compressed_tensors(model: nn.Module, out, *, processor=None, source: 
                            source=source or {})
             reloaded = _from_pretrained(tmp)
             summary["weights_bit_exact"] = check_weights(reloaded, model)
-            summary["files"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            summary["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             atomic_write_json(tmp / EXPORT_META, summary)
     return summary
 
@@ -270,7 +261,7 @@ def load_export(path, device: str = "cpu"):
         f = path / name
         if not f.is_file():
             raise QVLMError(f"{path} is missing {name}", "the export is incomplete; re-run `qvlm export`")
-        if _sha256(f) != digest:
+        if sha256(f) != digest:
             raise QVLMError(f"{f} does not match its recorded checksum (corrupt or truncated)",
                             "re-run `qvlm export`")
     model = _from_pretrained(path).to(device)

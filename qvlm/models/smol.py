@@ -22,7 +22,6 @@ tokens, one per scene cell; prompts are the LLaVA ScienceQA protocol (~45 SmolLM
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -35,6 +34,7 @@ from transformers.initialization import no_init_weights
 
 from ..errors import QVLMError
 from ..paths import DATA_DIR, REPO_ROOT
+from ..utils import sha256
 from . import smol_weights
 
 SMOL_DIR = DATA_DIR / "smol"                       # what the repository ships for smol
@@ -69,14 +69,6 @@ def manifest() -> dict:
     if not path.is_file():
         raise QVLMError(f"{path} is missing", "restore data/smol from the repository (git checkout data/smol)")
     return json.loads(path.read_text())
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_problem() -> str | None:
