@@ -12,6 +12,8 @@ Shapes (K, N) are the linears of the LLaVA-1.5 language models (Vicuna / LLaMA-2
     13B: q/k/v/o (5120, 5120), gate/up (5120, 13824), down (13824, 5120)
 M is the number of tokens in the GEMM: 1 and 16 = decode (batch 1 / 16), 600 ~ one LLaVA-1.5 prompt (576 image
 tokens + text) at prefill, 2048 = a long prefill.
+Fused (qvlm.deploy.fuse): q|k|v (3 x (K, K)) and gate|up (2 x (K, N_mlp)) as separate calls vs one GEMM over the
+concatenated weights, fp16 and each kernel end to end (`--no-fused` skips it).
 
 Every (shape, M) point times torch fp16 `F.linear` and the kernels side by side in the same process with
 `triton.testing.do_bench(..., quantiles=[0.5, 0.2, 0.8])` (median, 20th and 80th percentile, ms); speed-up =
@@ -122,6 +124,47 @@ def bench_point(model: str, K: int, N: int, M: int, which: tuple, w4a16_group: i
     return rows
 
 
+def bench_fused(model: str, K: int, widths: tuple, M: int, which: tuple, w4a16_group: int, int_group: int, timer,
+                device: str) -> list[dict]:
+    """Linears that read one tensor (q|k|v: widths (K, K, K); gate|up: (N, N)) as separate calls vs ONE fused GEMM
+    over the concatenated weights (qvlm.deploy.fuse), for fp16 and each selected kernel end to end (the fused call
+    quantizes the activation once). speedup_vs_fp16 compares like with like: separate vs fp16 separate, fused vs
+    fp16 fused; the fused/separate ratio of each method is what fusing buys."""
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device=device, dtype=torch.float16)
+    ws = [torch.randn(n, K, device=device, dtype=torch.float16) * K ** -0.5 for n in widths]
+    w_cat = torch.cat(ws)
+    ref = F.linear(x, w_cat).float()
+    tag = "qkv" if len(widths) == 3 else "gate_up"
+    methods = {f"fp16[{tag}]": (lambda: torch.cat([F.linear(x, w) for w in ws], -1)),
+               f"fp16[{tag} fused]": (lambda: F.linear(x, w_cat))}
+    for kern in which:
+        bits = 8 if kern == "w8a8" else 4
+        group = w4a16_group if kern == "w4a16" else int_group
+        parts = [pack_weight(w.float(), bits, group, symmetric=True) for w in ws]
+        whole = pack_weight(w_cat.float(), bits, group, symmetric=True)
+        if kern == "w4a16":
+            call = lambda p: w4a16_matmul(x, p.qweight, p.scale, None, True)                 # noqa: E731
+        elif kern == "w8a8":
+            call = lambda p: w8a8_matmul(*act_quant(x, 8), p.qweight, p.scale, None, torch.float16)  # noqa: E731
+        else:
+            call = lambda p: w4a4_matmul(*act_quant(x, 4, pack=True), p.qweight, p.scale, None, True,  # noqa: E731
+                                         torch.float16)
+        methods[f"{kern}_e2e[{tag}]"] = lambda call=call, parts=parts: torch.cat([call(p) for p in parts], -1)
+        methods[f"{kern}_e2e[{tag} fused]"] = lambda call=call, whole=whole: call(whole)
+    rows, base = [], {}
+    for name, fn in methods.items():
+        err = rel_err(fn(), ref)                         # warm-up
+        ms, p20, p80 = timer(fn)
+        layout = "fused" if "fused" in name else "separate"
+        base.setdefault(layout, ms)                      # the fp16 row of each layout comes first
+        rows.append({"model": model, "K": K, "N": sum(widths), "M": M, "method": name,
+                     "ms_median": round(ms, 5), "ms_p20": round(p20, 5), "ms_p80": round(p80, 5),
+                     "speedup_vs_fp16": round(base[layout] / ms, 3),
+                     "tflops": round(2 * M * sum(widths) * K / (ms * 1e9), 3), "rel_err_vs_fp16": round(err, 4)})
+    return rows
+
+
 def device_info() -> dict:
     """What the numbers were measured on (stated beside every result)."""
     if torch.cuda.is_available():
@@ -168,6 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--int-group-size", type=int, default=0, help="W8A8 / W4A4 weight group size (0 = per channel)")
     p.add_argument("--out", default=str(REPO / "results" / ("gpu" if on_gpu else "cpu-interpreter")),
                    help="output directory for the CSV and JSON")
+    p.add_argument("--no-fused", action="store_true", help="skip the fused q|k|v and gate|up comparison")
     args = p.parse_args(argv)
     which = tuple(k for k in args.kernels.split(",") if k)
     assert set(which) <= set(KERNELS), f"unknown kernels {which}; choose from {KERNELS}"
@@ -196,6 +240,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for K, N in kn:
             for M in ms:
                 rows += bench_point(model, K, N, M, which, args.w4a16_group_size, args.int_group_size, timer, device)
+    if not args.no_fused:                                 # q|k|v = 3 x (K, K), gate|up = 2 x (K, N_mlp)
+        for model, kn in shapes.items():
+            (K, _), (_, n_mlp) = kn[0], kn[1]
+            for widths in ((K, K, K), (n_mlp, n_mlp)):
+                for M in ms:
+                    rows += bench_fused(model, K, widths, M, which, args.w4a16_group_size, args.int_group_size,
+                                        timer, device)
     print_table(rows)
     csv_path, json_path = write_results(rows, meta, Path(args.out))
     print(f"wrote {csv_path} and {json_path}")

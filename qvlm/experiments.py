@@ -13,7 +13,8 @@ Each call quantizes a fresh deep copy of the FP model, so the FP model is never 
     wall_s, cpu_s, linear_fwd, linear_bwd, linear_passes, block_passes, peak_memory_bytes, peak_memory_kind
                                                           the search cost (qvlm.core.cost.measure)
     info                                                  the method's own record (blocks, partition, VEO ...)
-    with deploy=True: packed_acc, agreement, layer_max_rel_err, scheme  (the packed model on the same samples)
+    with deploy=True: packed_acc, agreement, layer_max_rel_err, scheme  (the packed model on the same samples),
+                      fused_groups, fused_agreement  (its fused q|k|v / gate|up copy on the first batch)
 
 `summarize(rows)` (qvlm.report.stats) turns per-seed rows into mean +- std per (method, setting).
 `export_row(...)` exports a quantized copy as compressed-tensors and compares the transformers reload with it.
@@ -39,6 +40,7 @@ from .core.cost import measure
 from .core.qlinear import QuantLinear, quant_linears
 from .deploy.layer import scheme
 from .deploy.export import export_compressed_tensors, load_export
+from .deploy.fuse import fuse_shared_inputs, shared_input_groups
 from .deploy.pack import deploy as pack_model
 from .deploy.pack import pack_layer
 from .deploy.verify import LOCAL_ROWS, integer_accumulator, layerwise_check
@@ -123,15 +125,29 @@ def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *,
                **(fields(info["blocks"]) if fields else {}))
     if deploy:
         pack_model(m)
-        packed = predict(m, processor, samples, eval.batch_size, progress=progress)
+        packed = []
+        groups = shared_input_groups(m, lambda: packed.extend(predict(m, processor, samples, eval.batch_size,
+                                                                      progress=progress)))
         row["info"]["predictions"] = dict(fake=preds, packed=packed)
         row.update(scheme=scheme(m)["name"],
                    packed_acc=sum(p == s["answer"] for p, s in zip(packed, samples)) / len(samples),
                    agreement=sum(a == b for a, b in zip(preds, packed)) / len(samples),
-                   layer_max_rel_err=layerwise_check(m, local)["max_rel_err"])
+                   layer_max_rel_err=layerwise_check(m, local)["max_rel_err"],
+                   **fused_check(m, processor, samples[:eval.batch_size], packed, groups))
     if keep_model:
         row["model_object"] = m
     return row
+
+
+@torch.no_grad()
+def fused_check(packed_model: nn.Module, processor, samples: list[dict], packed_preds: list, groups: list) -> dict:
+    """Fuse a copy of a packed model (one GEMM per input tensor, `groups` as traced on it: qvlm.deploy.fuse) and
+    predict `samples` (one batch): {fused_groups, fused_agreement} -- the fraction of answers equal to the unfused
+    packed model's `packed_preds`."""
+    f = copy.deepcopy(packed_model)
+    fused = fuse_shared_inputs(f, groups=groups)["fused"]
+    got = predict(f, processor, samples, len(samples), progress=False)
+    return dict(fused_groups=len(fused), fused_agreement=sum(a == b for a, b in zip(got, packed_preds)) / len(samples))
 
 
 def run(model: nn.Module, processor, method: str, setting, seeds=(0,), **kw) -> list[dict]:
@@ -147,6 +163,17 @@ def data_free(method: str, qcfg: QuantConfig, transform: str = "none") -> bool:
 
 
 BEYOND_PAPER = "qvlm+rotate"     # this repository's variant beyond the paper: Q-VLM on the QuaRot rotation
+SMOKE_METHODS = ("rtn", "brecq", "qvlm")
+
+
+def table_methods(spec: str = "", mode: str = "full") -> list[str]:
+    """The methods of a comparison: a comma-separated `spec`, or "" = every registered method (not fp) and the
+    beyond-the-paper variant (full mode) | SMOKE_METHODS (smoke mode)."""
+    if spec:
+        return spec.split(",")
+    if mode == "smoke":
+        return list(SMOKE_METHODS)
+    return [m for m in methods.METHODS if m != "fp"] + [BEYOND_PAPER]
 
 
 def variant(method: str, label: str = "", transform: str | None = None, **knobs) -> dict:

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ..config import QuantConfig
 from ..errors import QVLMError
 from ..models import llava
-from .hooks import Stop, calib_batches, call_block, capture_inputs, image_token_id, token_masks
+from .hooks import Stop, calib_batches, call_block, capture_inputs, image_token_id, same_input_groups, token_masks
 from .qlinear import (ActQuantizer, QuantLinear, act_quantizers, check_model, quant_linears, quantize_module,
                       share_act_quantizer)
 
@@ -176,33 +176,11 @@ def observe_act_ranges(data: BlockData, quantizers: list[ActQuantizer] | None = 
 def share_unit_quantizers(data: BlockData) -> list[list[str]]:
     """Trace batch 0 through the unit: QuantLinears that receive the same input tensor get ONE shared activation
     quantizer (q|k|v, gate|up). Returns the groups of keys that share one."""
-    qls = data.qlinears()
-    seen: dict[str, torch.Tensor] = {}
-    def keep(key):
-        def hook(_mod, a):                        # returns None: a pre-hook's return value would replace the input
-            seen.setdefault(key, a[0])
-        return hook
-
-    handles = [m.register_forward_pre_hook(keep(key)) for key, m in qls]
-    try:
-        data.forward(0)
-    finally:
-        for h in handles:
-            h.remove()
-    groups: list[list[tuple[str, QuantLinear]]] = []
-    for key, m in qls:
-        if key not in seen:
-            continue
-        for g in groups:
-            if seen[g[0][0]] is seen[key]:
-                g.append((key, m))
-                break
-        else:
-            groups.append([(key, m)])
+    qls = dict(data.qlinears())
+    groups = [g for g in same_input_groups(qls, lambda: data.forward(0)) if len(g) > 1]
     for g in groups:
-        if len(g) > 1:
-            share_act_quantizer([m for _, m in g])
-    return [[k for k, _ in g] for g in groups if len(g) > 1]
+        share_act_quantizer([qls[k] for k in g])
+    return groups
 
 
 def _units(blocks: list, units) -> list[list]:

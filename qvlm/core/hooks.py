@@ -6,6 +6,7 @@ input, and the token masks that keep padding out of every statistic.
     model_inputs(model, batch)        the tensors model.forward takes, on the model's device and dtype
     token_masks(batch, hidden, image_token_id, part) -> (valid, image), each shaped hidden.shape[:-1]
     InputTap({key: module}, fn)       forward pre-hooks calling fn(key, input) during a forward
+    same_input_groups({key: m}, fwd)  keys whose modules receive the same input tensor object in fwd() (q|k|v)
     capture_inputs(model, batches, m) (args, kwargs) that module m receives in a real forward, aborted there
     call_block(block, x, args, kwargs) hidden states out of a transformer layer, tuple or tensor
 
@@ -18,6 +19,7 @@ References: GPTQ `llama.py::llama_sequential` (the Catcher that aborts a forward
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
@@ -98,6 +100,40 @@ class InputTap:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+@torch.no_grad()
+def same_input_groups(modules: dict[str, nn.Module], forward) -> list[list[str]]:
+    """Run `forward()` once and group the keys of `modules` whose module received the SAME input tensor object
+    (q|k|v, gate|up: one activation, one set of codes), each group in the dict's order of first calls; keys never
+    called are left out. Only each module's first call counts, and the raw input is compared (not InputTap's rotated
+    one, a new tensor per layer). Inputs are held by weak reference, so a long forward keeps no activations alive:
+    a dead tensor cannot be the live one a later call receives."""
+    groups: list[list[str]] = []
+    reps: list[weakref.ref] = []                 # one live-or-dead reference per group: its first member's input
+    done: set[str] = set()
+    def keep(key):
+        def hook(_mod, args):                    # returns None: a pre-hook's return value would replace the input
+            if key in done:
+                return
+            done.add(key)
+            x = args[0]
+            gi = next((i for i, r in enumerate(reps) if r() is x), None)
+            if gi is None:
+                groups.append([key])
+                reps.append(weakref.ref(x))
+            else:
+                groups[gi].append(key)
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(key)) for key, m in modules.items()]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    order = {k: i for i, k in enumerate(modules)}
+    return [sorted(g, key=order.__getitem__) for g in groups]
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from ..core.qlinear import restore_rotated_linears, rotated_linears, set_module
 from ..errors import QVLMError
 from ..models import llava
 from ..utils import atomic_dir
+from .fuse import is_fused
 from .layer import DeployedLinear, layer_spec, packed_linears, scheme
 
 PACKED_META = "qvlm_packed.json"        # presence of this file marks a packed-model directory
@@ -49,6 +50,9 @@ def save_packed(model: nn.Module, out_dir, processor=None, source: dict | None =
     pls = packed_linears(model)
     if not pls:
         raise QVLMError("the model has no packed layers", "call qvlm.deploy.deploy(model) first")
+    if is_fused(model):
+        raise QVLMError("the model has fused q|k|v / gate|up layers (a serving-time view, not a checkpoint layout)",
+                        "save before fuse_shared_inputs(), and fuse again after load_packed()")
     processor = _processor_for(model, processor)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = dict(format_version=FORMAT_VERSION, scheme=scheme(model), layers={n: layer_spec(m) for n, m in pls},

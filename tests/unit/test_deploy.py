@@ -289,6 +289,7 @@ def test_rotated_model_deploys_with_the_online_hadamard(tmp_path):
     assert downs and all(m.input_transform == "hadamard" for m in downs)
     assert row["layer_max_rel_err"] <= deploy.layer_rtol(torch.float32)
     assert row["agreement"] >= 0.9
+    assert row["fused_groups"] > 0 and row["fused_agreement"] == 1.0      # one GEMM per input tensor, same answers
     b = data.collate(samples[:2], processor)
     back, _ = deploy.load_packed(deploy.save_packed(packed, tmp_path / "p", processor=processor))
     assert all(m.input_transform == "hadamard" for n, m in deploy.packed_linears(back) if n.endswith("mlp.down_proj"))
