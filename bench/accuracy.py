@@ -12,6 +12,7 @@ results/bench/accuracy.{md,json}. An ordering between two cells needs non-overla
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 from pathlib import Path
@@ -30,24 +31,26 @@ SETTINGS = "W8A8,W6A6,W4A4,W4A16"          # the paper's settings (W6A6 / W4A4) 
 
 
 def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS, seeds=None, mode="full",
-        preset="cpu", budget="auto", n_eval=-1, transform="none", device="cpu", progress=True) -> dict:
-    """Quantize + evaluate every (method, setting, seed); returns the JSON-able results."""
+        preset="cpu", budget="auto", n_eval=-1, transform="none", device="cpu", progress=True, scope="") -> dict:
+    """Quantize + evaluate every (method, setting, seed); returns the JSON-able results. `scope`: a comma-separated
+    subset of vision,projector,llm to quantize (the rest stays FP: which part loses the accuracy); "" = all."""
     cfg = resolve(mode, preset=preset, model=model_name, dataset=dataset, n_eval=n_eval, notebook="bench")
-    default = [m for m in methods.METHODS if m != "fp"] + [experiments.BEYOND_PAPER]
-    names = [experiments.variant(n)["label"] for n in (method_names or default)]
+    names = [experiments.variant(n)["label"] for n in (method_names or experiments.table_methods())]
+    qcfgs = [dataclasses.replace(q, scope=scope) if scope else q for q in parse_settings(settings)]
     seeds = seeds or cfg.seeds
     model, processor = loading.load(model_name, device=device)
     n_layers = len(llava.blocks(model))
     total = cfg.iters * n_layers if budget == "auto" else int(budget)
-    knobs = dict(iters=cfg.iters, budget=total)
+    known = {k for n in names for k in methods.get(experiments.variant(n)["method"]).knob_names()}
+    knobs = {k: v for k, v in dict(iters=cfg.iters, budget=total).items() if k in known}   # preset knobs, not typed
     ev = cfg.eval()
     fp = experiments.fp_row(model, processor, ev, model_name)
-    rows = experiments.grid(model, processor, names, parse_settings(settings), seeds, knobs=knobs, eval=ev,
+    rows = experiments.grid(model, processor, names, qcfgs, seeds, knobs=knobs, eval=ev,
                             calib=cfg.calib(), transform=transform, model_name=model_name, progress=progress)
     ok = [r for r in rows if "error" not in r]
     summary = summarize(ok).to_dict("records") if ok else []
     return dict(model=model_name, dataset=dataset, n_eval=fp["n_eval"], fp_accuracy=fp["accuracy"],
-                settings=[s.setting for s in parse_settings(settings)], seeds=list(seeds), mode=mode, preset=preset,
+                settings=[s.setting for s in qcfgs], scope=",".join(qcfgs[0].scope), seeds=list(seeds), mode=mode, preset=preset,
                 calib=dict(n_calib=cfg.n_calib, batch_size=cfg.batch_size), iters=cfg.iters, budget=total,
                 transform=transform, device=device, torch=torch.__version__, threads=torch.get_num_threads(),
                 machine=platform.processor() or platform.machine(), summary=summary,
@@ -73,7 +76,8 @@ def to_markdown(res: dict) -> str:
 
     lines = [f"Model `{res['model']}`, {res['n_eval']} test samples; calibration {res['calib']['n_calib']} TRAIN samples, "
              f"seeds {res['seeds']}; learned searches: {res['budget'] or str(res['iters']) + ' steps per block'}"
-             f"{' steps in total' if res['budget'] else ''} ({res['mode']} mode, {res['preset']} preset); transform "
+             f"{' steps in total' if res['budget'] else ''} ({res['mode']} mode, {res['preset']} preset); quantized: "
+             f"{res.get('scope', 'vision,projector,llm')}; transform "
              f"{res['transform']}; {res['device']}, torch {res['torch']}, {res['threads']} threads. FP accuracy "
              f"{100 * res['fp_accuracy']:.1f} %.", "", "Accuracy %, mean ± std over seeds (change of the mean vs FP, points)", "",
              "| method | " + " | ".join(s) + " |", "|---|" + "---|" * len(s)]
@@ -96,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default="auto", help="total steps of each learned search: auto | 0 (iters per block) | N")
     p.add_argument("--limit", type=int, default=-1, help="first N test samples (-1: the preset's)")
     p.add_argument("--transform", default="none")
+    p.add_argument("--scope", default="", help="parts to quantize: a comma-separated subset of vision,projector,llm "
+                                               "(default: all three)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--out", default=str(RESULTS_DIR / "bench"), help="directory for accuracy.md / accuracy.json")
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
     try:
         res = run(args.model, args.dataset, [n for n in args.methods.split(",") if n], args.settings,
                   [int(s) for s in args.seeds.split(",") if s.strip()] or None, args.mode, args.preset, args.budget,
-                  args.limit, args.transform, args.device, not args.no_progress)
+                  args.limit, args.transform, args.device, not args.no_progress, args.scope)
     except QVLMError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
