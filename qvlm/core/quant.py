@@ -154,11 +154,24 @@ def act_qparams(x: torch.Tensor, bits: int, symmetric: bool = True, granularity:
     return qparams_from_minmax(xmin.float(), xmax.float(), bits, symmetric)
 
 
+def _fake_quant_token_symmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """fake_quant(x, *act_qparams(x, bits, True, "token")) without autograd, in 6 elementwise passes instead of 10:
+    absmax = amax|x| equals max(|amin|, |amax|) exactly, and zero_point = 0 drops the add and the subtract (only the
+    sign of an exact zero may differ). The evaluation of every dynamic per-token model runs this."""
+    qmin, qmax = qrange(bits, True)
+    absmax = x.abs().amax(dim=-1, keepdim=True).float()
+    assert not torch.isnan(absmax).any(), "quantize: NaN input"         # amax propagates NaN: the same contract
+    scale = (absmax / qmax).clamp_min(_EPS).to(x.dtype)
+    return (x / scale).round_().clamp_(qmin, qmax).mul_(scale)
+
+
 def fake_quant_act(x: torch.Tensor, bits: int, symmetric: bool = True, granularity: str = "token",
                    scale=None, zero_point=None, ste: bool = False) -> torch.Tensor:
     """Fake-quantize activations. With `scale` given (static, calibrated) it is used as is; else dynamic."""
     if bits >= FP_BITS:
         return x
+    if scale is None and symmetric and granularity == "token" and not torch.is_grad_enabled():
+        return _fake_quant_token_symmetric(x, bits)
     if scale is None:
         scale, zero_point = act_qparams(x, bits, symmetric, granularity)
     return fake_quant(x, scale.to(x.dtype), zero_point.to(x.dtype), bits, symmetric, ste)
