@@ -184,3 +184,21 @@ def test_quantize_rejects_nan():
     x = torch.tensor([1.0, float("nan")])
     with pytest.raises(AssertionError):
         quant.quantize(x, torch.tensor(0.1), torch.tensor(0.0), 4, True)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_fast_path_equals_the_reference(bits, dtype):
+    """Dynamic per-token symmetric activations without autograd take a shorter path; its values must be the
+    reference fake_quant(x, act_qparams(x)) exactly (zero rows and exact zeros included), and NaN still raises."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 96) * torch.rand(1, 96) * 5).to(dtype)
+    x[3, 7], x[5] = 0, 0
+    with torch.no_grad():
+        fast = quant.fake_quant_act(x, bits)
+        scale, zero_point = quant.act_qparams(x, bits, True, "token")
+        ref = quant.fake_quant(x, scale.to(dtype), zero_point.to(dtype), bits, True)
+        assert torch.equal(fast, ref)
+        x[1, 2] = float("nan")
+        with pytest.raises(AssertionError, match="NaN"):
+            quant.fake_quant_act(x, bits)
