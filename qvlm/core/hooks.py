@@ -85,15 +85,21 @@ class InputTap:
     weight multiplies, i.e. after the layer's online rotation when it has one (RotatedInputLinear, a rotated
     QuantLinear).
 
+    With `raw=True` the module's input is handed over as it arrives (before any online rotation): the tensor that
+    is in the forward graph, e.g. to retain its gradient (an orthonormal rotation keeps the gradient's norm).
+
     Use as a context manager; hooks are removed on exit even if the forward raises."""
 
-    def __init__(self, modules: dict[str, nn.Module], fn):
-        self.modules, self.fn, self.handles = modules, fn, []
+    def __init__(self, modules: dict[str, nn.Module], fn, raw: bool = False):
+        self.modules, self.fn, self.raw, self.handles = modules, fn, raw, []
+
+    def _input(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x if self.raw else rotate_input(x, getattr(mod, "input_transform", None))
 
     def __enter__(self):
         for key, m in self.modules.items():
             self.handles.append(m.register_forward_pre_hook(
-                lambda mod, args, key=key: self.fn(key, rotate_input(args[0], getattr(mod, "input_transform", None)))))
+                lambda mod, args, key=key: self.fn(key, self._input(mod, args[0]))))
         return self
 
     def __exit__(self, *exc):

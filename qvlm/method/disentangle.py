@@ -163,12 +163,15 @@ class LLMInputs:
         self.x: dict[str, torch.Tensor] = {}
 
     def tap(self, retain_grad: bool = False):
+        """Keep each unit's input: the quantizer's input (after an online rotation), or with `retain_grad` the raw
+        input that is in the graph, its gradient retained (||dL/dx|| is the same before and after an orthonormal
+        rotation, so jacobian_gammas reads it there)."""
         def keep(key, x):
             if retain_grad and x.requires_grad:
                 x.retain_grad()
             self.x[key] = x
         self.x = {}
-        return InputTap(self.modules, keep)
+        return InputTap(self.modules, keep, raw=retain_grad)
 
 
 @torch.no_grad()

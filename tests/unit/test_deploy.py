@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 
 from qvlm import cli, data, deploy, experiments, loading, methods, models  # noqa: E402
 from qvlm import evaluate  # noqa: E402
-from qvlm.config import EvalConfig, QuantConfig  # noqa: E402
+from qvlm.config import CalibConfig, EvalConfig, QuantConfig  # noqa: E402
 from qvlm.errors import QVLMError  # noqa: E402
 from qvlm.models import tiny  # noqa: E402
 from qvlm.core.checkpoint import QUANT_META, save_quantized  # noqa: E402
@@ -294,3 +294,19 @@ def test_rotated_model_deploys_with_the_online_hadamard(tmp_path):
     back, _ = deploy.load_packed(deploy.save_packed(packed, tmp_path / "p", processor=processor))
     assert all(m.input_transform == "hadamard" for n, m in deploy.packed_linears(back) if n.endswith("mlp.down_proj"))
     assert torch.equal(_logits(back, b), _logits(packed, b))
+
+
+def test_every_method_packs_to_its_fake_quant_model(setting="W4A4"):
+    """Every method of the accuracy table (notebook 05) leaves layers the packed kernels run exactly: each packed
+    layer fed its fake twin's input gives its output to fp32 roundoff, and the fused q|k|v / gate|up copy answers
+    as the unfused packed model (notebook 06 shows the same table on smol)."""
+    model, processor = tiny.build_random(0, **SMALL)
+    samples = data.load_split("tiny", "val", limit=6)
+    for name in experiments.table_methods():
+        v = experiments.variant(name)
+        knobs = experiments.method_knobs(v["method"], dict(iters=2, veo_iters=2, n_guard=8))
+        row = experiments.run_one(model, processor, v["method"], setting, transform=v["transform"] or "none",
+                                  samples=samples, eval=EvalConfig(batch_size=6), deploy=True,
+                                  knobs=knobs, calib=CalibConfig(n_calib=4, batch_size=4))
+        assert row["layer_max_rel_err"] <= deploy.layer_rtol(torch.float32), (name, row["layer_max_rel_err"])
+        assert row["fused_groups"] > 0 and row["fused_agreement"] == 1.0, name
