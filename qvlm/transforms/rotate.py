@@ -32,9 +32,9 @@ forward order (the MLP's output).
 The vision tower and the projector (`online=True` too): the vision tower's LayerNorm subtracts the mean, which does
 not commute with a residual rotation (SliceGPT's LayerNorm -> RMSNorm conversion would be needed), so instead every
 vision and projector linear rotates its own input online (W -> W H / sqrt(n), RotatedInputLinear), the choice the
-issue allowed. Cost: one FWHT per linear input at run time (q / k / v read the same tensor; a fused deployment
-rotates it once). Measured on smol (n = 300, RTN W4A4 of that part only): vision 46.3 % -> 51.0 %, projector
-59.3 % -> 75.0 % (FP 78.7 %).
+choice allowed for this transform. Cost: one FWHT per linear input at run time (q / k / v read the same tensor: the
+fused deployment, qvlm.deploy.fuse, rotates it once). What it buys per part: `python -m bench.accuracy --scope ...`
+(numbers in data/smol/README.md).
 
 Not rotated here (documented limit): the attention heads (QuaRot's per-head Hadamard on v / o). The residual
 rotation alone (`online=False`) is SpinQuant's R1.
