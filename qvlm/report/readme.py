@@ -106,7 +106,9 @@ def runtime_section() -> list[str]:
            "|---|---|---|"]
     out += [f"| `{s}` | {smoke.get(s, '–')} | {full.get(s, '–')} |" for s in stems]
     if full:
-        out += ["", f"`make reproduce` total: {sum(full.values()) / 60:.0f} min."]
+        done = f"{len(full)} of {len(stems)} notebooks" if len(full) < len(stems) else "every notebook"
+        out += ["", f"`make reproduce` so far: {sum(full.values()) / 60:.0f} min ({done})."
+                if len(full) < len(stems) else f"`make reproduce` total: {sum(full.values()) / 60:.0f} min."]
     return out + [""]
 
 
