@@ -34,7 +34,11 @@ def executed_path(nb: Path, mode: str, root: Path = RESULTS_DIR) -> Path:
     return Path(root) / "executed" / (nb.name if mode == "full" else f"{nb.stem}.{mode}.ipynb")
 
 
-def run_notebook(nb: Path, mode: str, out_dir: Path, executed: Path, timeout: int = 3600,
+FULL_CELL_TIMEOUT = 8 * 3600   # seconds per cell in full mode: one cell of 03 / 05 runs dozens of searches on smol,
+                               # each evaluated on 500 test samples -- hours on 2 CPU cores (one hour was too short)
+
+
+def run_notebook(nb: Path, mode: str, out_dir: Path, executed: Path, timeout: int = FULL_CELL_TIMEOUT,
                  parameters: dict | None = None, progress: bool = False) -> dict:
     """Execute one notebook with papermill (MODE, OUT_DIR injected, plus any other `parameters`, e.g. notebook
     07's SOURCES); returns its metrics.json content. `progress`: papermill's per-cell progress bar."""
