@@ -1,6 +1,6 @@
 # Two commands do everything (README):
 #   make test       install (if needed) + unit tests + every notebook in smoke mode (papermill)   < 15 min, 2 cores
-#   make reproduce  install (if needed) + every notebook in full mode on smol -> results/         < 90 min, 2 cores
+#   make reproduce  install (if needed) + every notebook in full mode on smol -> results/         hours on 2 cores
 #                   (PRESET=gpu: paper-scale settings, for a machine with a GPU)
 PY      ?= .venv/bin/python
 PIP     := $(PY) -m pip

@@ -105,8 +105,9 @@ class EvalConfig:
 PRESETS: dict[str, dict[str, dict]] = {
     "smoke": {p: dict(n_calib=8, n_eval=200, iters=20, ded_iters=20, n_seeds=2, batch_size=16) for p in ("cpu", "gpu")},
     "full": {
-        # cpu: what fits `make reproduce` on smol in about 90 min on 2 cores (16 calibration samples = one batch,
-        # 10 steps per layer-sized block, 500 test samples); identical for every method, so comparisons stay fair
+        # cpu: small searches for 2 CPU cores (16 calibration samples = one batch, 10 steps per layer-sized block,
+        # 500 test samples), identical for every method so comparisons stay fair; on smol one learned search still
+        # takes minutes, so notebooks 03 and 05 take hours (README, runtime table)
         "cpu": dict(n_calib=16, n_eval=500, iters=10, ded_iters=10, n_seeds=3, batch_size=16),
         # gpu: paper-scale settings (BRECQ / AdaRound practice: thousands of steps, 128 calibration samples)
         "gpu": dict(n_calib=128, n_eval=0, iters=2000, ded_iters=1000, n_seeds=3, batch_size=32),
