@@ -14,7 +14,7 @@ Each call quantizes a fresh deep copy of the FP model, so the FP model is never 
                                                           the search cost (qvlm.core.cost.measure)
     info                                                  the method's own record (blocks, partition, VEO ...)
     with deploy=True: packed_acc, agreement, layer_max_rel_err, scheme  (the packed model on the same samples),
-                      fused_groups, fused_agreement  (its fused q|k|v / gate|up copy on the first batch)
+                      with fused=True also fused_groups, fused_agreement  (its fused q|k|v / gate|up copy, first batch)
 
 `summarize(rows)` (qvlm.report.stats) turns per-seed rows into mean +- std per (method, setting).
 `export_row(...)` exports a quantized copy as compressed-tensors and compares the transformers reload with it.
@@ -92,9 +92,10 @@ def _record_layers(qmodel: nn.Module) -> tuple[list, dict]:
 def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *, calib: CalibConfig | None = None,
             eval: EvalConfig | None = None, knobs: dict | None = None, transform: str = "none",
             deploy: bool = False, model_name: str = "", samples: list[dict] | None = None,
-            progress: bool = False, keep_model: bool = False) -> dict:
+            progress: bool = False, keep_model: bool = False, fused: bool = False) -> dict:
     """Quantize a copy of the FP `model` once (calibration seed `seed`) and evaluate it; returns one row (module
-    docstring). `samples` overrides the evaluation samples; `keep_model` adds the quantized model as row['model']."""
+    docstring). `samples` overrides the evaluation samples; `keep_model` adds the quantized model as row['model'];
+    `fused` (with deploy) also checks a fused q|k|v / gate|up copy of the packed model on the first batch."""
     qcfg = setting_of(setting)
     transform = transform if transform != "none" else methods.get(method).transform    # quarot implies rotate
     calib = dataclasses.replace(calib or CalibConfig(), seed=seed)
@@ -132,8 +133,9 @@ def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *,
         row.update(scheme=scheme(m)["name"],
                    packed_acc=sum(p == s["answer"] for p, s in zip(packed, samples)) / len(samples),
                    agreement=sum(a == b for a, b in zip(preds, packed)) / len(samples),
-                   layer_max_rel_err=layerwise_check(m, local)["max_rel_err"],
-                   **fused_check(m, processor, samples[:eval.batch_size], packed, groups))
+                   layer_max_rel_err=layerwise_check(m, local)["max_rel_err"])
+        if fused:
+            row.update(fused_check(m, processor, samples[:eval.batch_size], packed, groups))
     if keep_model:
         row["model_object"] = m
     return row

@@ -283,7 +283,7 @@ def test_rotated_model_deploys_with_the_online_hadamard(tmp_path):
     model, processor = models.load("tiny")
     samples = data.load_split("tiny", "val", limit=12)
     row = experiments.run_one(model, processor, "rtn", "W4A4", transform="rotate", samples=samples,
-                              eval=EvalConfig(batch_size=12), deploy=True, keep_model=True)
+                              eval=EvalConfig(batch_size=12), deploy=True, keep_model=True, fused=True)
     packed = row["model_object"]
     downs = [m for n, m in deploy.packed_linears(packed) if n.endswith("mlp.down_proj")]
     assert downs and all(m.input_transform == "hadamard" for m in downs)
@@ -306,7 +306,7 @@ def test_every_method_packs_to_its_fake_quant_model(setting="W4A4"):
         v = experiments.variant(name)
         knobs = experiments.method_knobs(v["method"], dict(iters=2, veo_iters=2, n_guard=8))
         row = experiments.run_one(model, processor, v["method"], setting, transform=v["transform"] or "none",
-                                  samples=samples, eval=EvalConfig(batch_size=6), deploy=True,
+                                  samples=samples, eval=EvalConfig(batch_size=6), deploy=True, fused=True,
                                   knobs=knobs, calib=CalibConfig(n_calib=4, batch_size=4))
         assert row["layer_max_rel_err"] <= deploy.layer_rtol(torch.float32), (name, row["layer_max_rel_err"])
         assert row["fused_groups"] > 0 and row["fused_agreement"] == 1.0, name
