@@ -127,13 +127,14 @@ def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *,
     if deploy:
         pack_model(m)
         packed = []
-        groups = shared_input_groups(m, lambda: packed.extend(predict(m, processor, samples, eval.batch_size,
-                                                                      progress=progress)))
+        run = lambda: packed.extend(predict(m, processor, samples, eval.batch_size, progress=progress))  # noqa: E731
+        if fused:
+            groups = shared_input_groups(m, run)          # the fused check's groups, traced on the packed pass
+        else:
+            run()
         row["info"]["predictions"] = dict(fake=preds, packed=packed)
-        row.update(scheme=scheme(m)["name"],
-                   packed_acc=sum(p == s["answer"] for p, s in zip(packed, samples)) / len(samples),
-                   agreement=sum(a == b for a, b in zip(preds, packed)) / len(samples),
-                   layer_max_rel_err=layerwise_check(m, local)["max_rel_err"])
+        row.update(scheme=scheme(m)["name"], packed_acc=agreement(packed, [s["answer"] for s in samples]),
+                   agreement=agreement(preds, packed), layer_max_rel_err=layerwise_check(m, local)["max_rel_err"])
         if fused:
             row.update(fused_check(m, processor, samples[:eval.batch_size], packed, groups))
     if keep_model:
@@ -149,7 +150,12 @@ def fused_check(packed_model: nn.Module, processor, samples: list[dict], packed_
     f = copy.deepcopy(packed_model)
     fused = fuse_shared_inputs(f, groups=groups)["fused"]
     got = predict(f, processor, samples, len(samples), progress=False)
-    return dict(fused_groups=len(fused), fused_agreement=sum(a == b for a, b in zip(got, packed_preds)) / len(samples))
+    return dict(fused_groups=len(fused), fused_agreement=agreement(got, packed_preds))
+
+
+def agreement(a: list, b: list) -> float:
+    """Fraction of positions where two equally long answer lists agree (answers vs labels: accuracy)."""
+    return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
 def run(model: nn.Module, processor, method: str, setting, seeds=(0,), **kw) -> list[dict]:
@@ -266,9 +272,9 @@ def export_row(model: nn.Module, processor, method: str, setting, out_dir, seed:
     back, back_processor = load_export(out_dir, device=llava.model_device(qmodel).type)
     fake = predict(qmodel, processor, samples, eval.batch_size, progress=False)
     got = predict(back, back_processor, samples, eval.batch_size, progress=False)
-    acc = lambda preds: sum(p == s["answer"] for p, s in zip(preds, samples)) / len(samples)  # noqa: E731
-    return dict(method=method, setting=row["setting"], seed=seed, fake_acc=acc(fake), reloaded_acc=acc(got),
-                agreement=sum(a == b for a, b in zip(fake, got)) / len(samples), n_eval=len(samples),
+    labels = [s["answer"] for s in samples]
+    return dict(method=method, setting=row["setting"], seed=seed, fake_acc=agreement(fake, labels), reloaded_acc=agreement(got, labels),
+                agreement=agreement(fake, got), n_eval=len(samples),
                 weights_bit_exact=summary["weights_bit_exact"],
                 formats="+".join(sorted({g["scheme"]["format"] for g in summary["groups"].values()})),
                 disk_mib=sum(f.stat().st_size for f in Path(out_dir).iterdir() if f.is_file()) / 2 ** 20)
