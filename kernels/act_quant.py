@@ -174,7 +174,7 @@ def act_quant(x: torch.Tensor, a_bits: int = 8, pack: bool = False,
     # GPU: one token per program and (up to 16K channels) the whole row in one step, so pass 2 re-reads it from
     # L1/L2 and even M = 1 (decode) is a single short program; 16 warps keep that tile at <= 32 values per thread.
     # Interpreter: 16 tokens per program, since its cost is per program and per op, not per element.
-    BLOCK_M = BLOCK_M or (16 if INTERPRET else 1)
+    BLOCK_M = BLOCK_M or (64 if INTERPRET else 1)
     BLOCK_K = BLOCK_K or max(2, min(triton.next_power_of_2(K), 4096 if INTERPRET else 16384))
     num_warps = max(4, min(16, BLOCK_M * BLOCK_K // 1024))
     grid = (triton.cdiv(M, BLOCK_M),)

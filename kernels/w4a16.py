@@ -131,7 +131,7 @@ def _w4a16_kernel(
 
 _w4a16_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "group_size"])(_w4a16_kernel)
 
-DEFAULT_BLOCK = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}   # untuned launches (interpreter)
+DEFAULT_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}   # untuned launches (interpreter: big tiles, few programs)
 
 
 def _check(x, qweight, scale, zero_point, symmetric):

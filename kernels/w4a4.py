@@ -121,7 +121,7 @@ def _w4a4_kernel(
 _w4a4_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "group_size"],
                               prune_configs_by={"early_config_prune": _prune})(_w4a4_kernel)
 
-DEFAULT_BLOCK = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}  # untuned launches (interpreter)
+DEFAULT_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}  # untuned launches (interpreter: big tiles, few programs)
 
 
 def _block_for(block: dict | None, group_size: int, K: int) -> dict:

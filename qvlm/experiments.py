@@ -69,12 +69,15 @@ def method_knobs(method: str, knobs: dict | None) -> dict:
 
 
 def check_knobs(method_names: list[str], knobs: dict | None) -> None:
-    """Every knob must belong to at least one of the methods run (QVLMError naming the misspelt one)."""
-    known = {k for n in method_names for k in methods.get(n).knob_names()}
+    """Every knob must be an option of some registered method (QVLMError naming the misspelt one); a shared knob
+    such as `iters` offered to a table of methods none of which uses it (METHODS=rtn) is ignored, not an error."""
+    for n in method_names:
+        methods.get(n)                                               # unknown method names fail here
+    known = {k for m in methods.METHODS.values() for k in m.knob_names()}
     bad = sorted(set(knobs or {}) - known)
     if bad:
-        raise QVLMError(f"no method of {', '.join(method_names)} has an option {bad[0]!r}",
-                        f"their options are: {', '.join(sorted(known)) or '(none)'}")
+        raise QVLMError(f"no method has an option {bad[0]!r}",
+                        f"the options are: {', '.join(sorted(known))}")
 
 
 def _record_layers(qmodel: nn.Module) -> tuple[list, dict]:
@@ -89,6 +92,32 @@ def _record_layers(qmodel: nn.Module) -> tuple[list, dict]:
     return hooks, local
 
 
+def resolved_transform(method: str, transform: str = "none") -> str:
+    """The transform a run applies: `transform`, or the method's own when none is asked (quarot implies rotate)."""
+    return transform if transform != "none" else methods.get(method).transform
+
+
+def run_key(method: str, transform: str, setting, seed: int, config: dict, calib: dict | None, n_eval: int) -> tuple:
+    """What decides a row's numbers: method, transform, setting, seed, the method's full config (as a dict),
+    calibration and evaluation size. Two runs with equal keys compute the same row (same seed -> same numbers)."""
+    return (method, resolved_transform(method, transform), setting_of(setting).setting, seed, repr(config),
+            repr(calib), n_eval)
+
+
+def planned_key(method: str, transform: str, setting, seed: int, knobs: dict | None, calib: CalibConfig | None,
+                n_eval: int) -> tuple:
+    """run_key of a run about to start (what run_one would record in its row)."""
+    config = dataclasses.asdict(methods.get(method).make_config(**method_knobs(method, knobs)))
+    return run_key(method, transform, setting, seed, config,
+                   dataclasses.asdict(dataclasses.replace(calib or CalibConfig(), seed=seed)), n_eval)
+
+
+def row_key(row: dict) -> tuple:
+    """run_key of a finished row."""
+    return run_key(row["method"], row["transform"], row["setting"], row["seed"], row["knobs"], row["info"]["calib"],
+                   row["n_eval"])
+
+
 def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *, calib: CalibConfig | None = None,
             eval: EvalConfig | None = None, knobs: dict | None = None, transform: str = "none",
             deploy: bool = False, model_name: str = "", samples: list[dict] | None = None,
@@ -97,7 +126,7 @@ def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *,
     docstring). `samples` overrides the evaluation samples; `keep_model` adds the quantized model as row['model'];
     `fused` (with deploy) also checks a fused q|k|v / gate|up copy of the packed model on the first batch."""
     qcfg = setting_of(setting)
-    transform = transform if transform != "none" else methods.get(method).transform    # quarot implies rotate
+    transform = resolved_transform(method, transform)
     calib = dataclasses.replace(calib or CalibConfig(), seed=seed)
     eval = eval or EvalConfig()
     samples = samples if samples is not None else eval_samples(eval)
@@ -198,15 +227,19 @@ def variant(method: str, label: str = "", transform: str | None = None, **knobs)
 
 
 def grid(model: nn.Module, processor, method_names: list, settings: list, seeds=(0,), *,
-         knobs: dict | None = None, eval: EvalConfig | None = None, progress: bool = True, **kw) -> list[dict]:
+         knobs: dict | None = None, eval: EvalConfig | None = None, progress: bool = True,
+         reuse: list[dict] | None = None, **kw) -> list[dict]:
     """run() over every (setting, method): `method_names` holds method names (each gets the `knobs` its config has)
     or `variant(...)` dicts (a label, a method and its own knobs on top of `knobs`). The FP model is evaluated once
     per setting ('fp' is not repeated per seed: nothing random enters it). A variant that cannot run a setting
-    leaves a row with `error` (shown, not hidden). Rows carry `variant` = the label."""
+    leaves a row with `error` (shown, not hidden). Rows carry `variant` = the label. `reuse`: rows of earlier
+    grids; a run whose run_key equals one of theirs is that row again (relabelled, `reused_from` = its variant),
+    not a second search (e.g. a sweep point that is the main variant)."""
     variants = [v if isinstance(v, dict) else variant(v) for v in method_names]
     check_knobs([v["method"] for v in variants], knobs)
     eval = eval or EvalConfig()
     samples = eval_samples(eval)
+    done = {row_key(r): r for r in reuse or [] if "error" not in r and "info" in r}
     rows = []
     todo = [(setting_of(s), v) for s in settings for v in variants]
     bar = tqdm(todo, desc="grid", disable=not progress)
@@ -218,8 +251,14 @@ def grid(model: nn.Module, processor, method_names: list, settings: list, seeds=
             if first is not None and data_free(v["method"], qcfg, vkw["transform"]):
                 rows.append(dict(first, seed=seed, replicated_from=first["seed"]))   # nothing random enters it
                 continue
+            vknobs = {**(knobs or {}), **v["knobs"]}
+            hit = done.get(planned_key(v["method"], vkw["transform"], qcfg, seed, vknobs, vkw.get("calib"), len(samples)))
+            if hit is not None:
+                first = first or dict(hit, variant=v["label"])
+                rows.append(dict(hit, variant=v["label"], reused_from=hit["variant"]))
+                continue
             try:
-                row = run_one(model, processor, v["method"], qcfg, seed, knobs={**(knobs or {}), **v["knobs"]},
+                row = run_one(model, processor, v["method"], qcfg, seed, knobs=vknobs,
                               eval=eval, samples=samples, **vkw)
             except QVLMError as e:
                 rows.append(dict(variant=v["label"], method=v["method"], setting=qcfg.setting, seed=seed,

@@ -40,11 +40,25 @@ def _processor_for(model, processor):
                     "pass processor= (the one returned by qvlm.models.load / build_random)")
 
 
+def _shared_names(state: dict) -> dict[str, str]:
+    """{name: first name} for every state-dict entry that is a view of an earlier one (tied embeddings / lm_head:
+    safetensors stores a tensor once, so the duplicates are written as aliases and re-pointed on load)."""
+    first, alias = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in first:
+            alias[name] = first[key]
+        else:
+            first[key] = name
+    return alias
+
+
 def save_packed(model: nn.Module, out_dir, processor=None, source: dict | None = None) -> Path:
     """Write a packed-model directory atomically (nothing half-written on error):
 
         packed.safetensors   every tensor of the model: packed codes (uint8 / int8), fp32 scales, the FP rest
-        qvlm_packed.json     format_version, scheme, per-layer specs, dtype, `source` (e.g. the quantized dir)
+        qvlm_packed.json     format_version, scheme, per-layer specs, dtype, `source` (e.g. the quantized dir),
+                             `tied` (names stored once: {alias: stored name}, e.g. lm_head.weight -> embed_tokens)
         base/                the LlavaConfig and the processor, so the directory is self-contained
     """
     pls = packed_linears(model)
@@ -54,8 +68,10 @@ def save_packed(model: nn.Module, out_dir, processor=None, source: dict | None =
         raise QVLMError("the model has fused q|k|v / gate|up layers (a serving-time view, not a checkpoint layout)",
                         "save before fuse_shared_inputs(), and fuse again after load_packed()")
     processor = _processor_for(model, processor)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = dict(format_version=FORMAT_VERSION, scheme=scheme(model), layers={n: layer_spec(m) for n, m in pls},
+    state = model.state_dict()
+    tied = _shared_names(state)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in tied}
+    meta = dict(format_version=FORMAT_VERSION, scheme=scheme(model), layers={n: layer_spec(m) for n, m in pls}, tied=tied,
                 dtype=str(llava.model_dtype(model)).replace("torch.", ""), source=source or {},
                 notes=getattr(model, "qvlm_deploy", {}).get("notes", []), rotated_linears=rotated_linears(model))
     with atomic_dir(out_dir) as tmp:
@@ -115,11 +131,18 @@ def load_packed(path, device: str = "cpu", dtype: str = "") -> tuple[nn.Module, 
             layer.register_buffer(t, tensors.pop(key))
         set_module(model, name, layer)
     restore_rotated_linears(model, meta.get("rotated_linears", []))   # FP linears with an online Hadamard
+    for alias, name in meta.get("tied", {}).items():                  # stored once (tied embeddings)
+        if name not in tensors:
+            raise QVLMError(f"{path} lacks tensor {name} (tied to {alias})", "the directory is incomplete; re-run `qvlm deploy`")
+        tensors[alias] = tensors[name]
     try:
         model.load_state_dict(tensors, strict=True)                   # copy_ casts FP tensors to `dtype`
     except RuntimeError as e:
         raise QVLMError(f"{path} does not match its config: {str(e).splitlines()[0][:160]}",
                         "the directory is incomplete or corrupt; re-run `qvlm deploy`") from None
+    for alias, name in meta.get("tied", {}).items():                  # share the storage again, as saved
+        mod, attr = alias.rsplit(".", 1)
+        setattr(model.get_submodule(mod), attr, model.get_parameter(name))
     model.qvlm_deploy = dict(modes=meta["scheme"]["kernels"], activations=meta["scheme"]["activations"],
                              notes=meta.get("notes", []), source=meta.get("source", {}))
     return model.to(device).eval(), processor

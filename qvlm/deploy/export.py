@@ -43,6 +43,7 @@ llm-compressor's `save_pretrained` wrapper (the same four steps); transformers `
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -54,7 +55,7 @@ from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfi
                                              QuantizationStatus, apply_quantization_config)
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, LlavaForConditionalGeneration, PreTrainedModel
 
 from ..core.qlinear import quant_linears, rotated_linears, set_module
 from ..errors import QVLMError
@@ -215,11 +216,35 @@ def export_compressed_tensors(model: nn.Module, out, *, processor=None, source: 
     return summary
 
 
+@contextlib.contextmanager
+def _spare_loaded_compressed_linears():
+    """transformers 5 runs every sub-model's `_init_weights` over every module after loading (loaded tensors are
+    spared by its init guards). DINOv2's reads `module.weight`, which a compressed linear (weight_packed /
+    weight_scale, no `weight`) lacks, so a DINOv2 tower's export cannot be reloaded. Inside the `with`, a linear
+    without `weight` whose own tensors were all loaded is marked initialised instead; everything else is untouched."""
+    orig = PreTrainedModel._initialize_weights
+
+    def initialize(self, module, is_custom_code=False):
+        own = list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False) if b is not None]
+        if (isinstance(module, nn.Linear) and not hasattr(module, "weight") and own
+                and all(getattr(t, "_is_hf_initialized", False) for t in own)):
+            module._is_hf_initialized = True
+            return
+        orig(self, module, is_custom_code)
+
+    PreTrainedModel._initialize_weights = initialize
+    try:
+        yield
+    finally:
+        PreTrainedModel._initialize_weights = orig
+
+
 def _from_pretrained(path: Path) -> nn.Module:
     """transformers' own loader (compressed-tensors quantizer), weights decompressed now rather than on the first
     forward, eval mode; corrupt files -> one-line QVLMError."""
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(path)
+        with _spare_loaded_compressed_linears():
+            model = LlavaForConditionalGeneration.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise QVLMError(f"cannot load the compressed-tensors export {path}: {first}",

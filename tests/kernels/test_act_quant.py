@@ -8,7 +8,7 @@ from kernels.testing import assert_close_where
 from qvlm.core.quant import fake_quant_act, qparams_from_minmax, quantize, quantize_act
 from qvlm.errors import QVLMError
 
-SHAPES = [(1, 64), (3, 96), (16, 200), (37, 200), (37, 64)]          # (M, K): ragged against BLOCK_M = 16
+SHAPES = [(1, 64), (3, 96), (16, 200), (37, 200), (37, 64), (130, 96)]   # (M, K): ragged against BLOCK_M = 64
 
 
 def _x(M, K, dtype, device):

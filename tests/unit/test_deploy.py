@@ -24,7 +24,7 @@ from qvlm import cli, data, deploy, experiments, loading, methods, models  # noq
 from qvlm import evaluate  # noqa: E402
 from qvlm.config import CalibConfig, EvalConfig, QuantConfig  # noqa: E402
 from qvlm.errors import QVLMError  # noqa: E402
-from qvlm.models import tiny  # noqa: E402
+from qvlm.models import llava, tiny  # noqa: E402
 from qvlm.core.checkpoint import QUANT_META, save_quantized  # noqa: E402
 from qvlm.core.qlinear import QuantLinear, quant_linears  # noqa: E402
 
@@ -178,6 +178,23 @@ def test_checkpoint_round_trip(batch, tmp_path):
     for loaded, _ in (deploy.load_packed(out), loading.load(str(out))):       # loading.load detects the packed dir
         assert len(deploy.packed_linears(loaded)) == len(meta["layers"])
         assert torch.equal(_logits(loaded, batch), before)                       # same tensors, same code path
+
+
+def test_checkpoint_round_trip_with_tied_embeddings(batch, tmp_path):
+    """SmolLM2 ties lm_head to the embeddings: safetensors refuses shared tensors, so the alias is stored in meta."""
+    model, processor = tiny.build_random(0, **SMALL)
+    model.lm_head.weight = model.get_input_embeddings().weight
+    for cfg in (model.config, model.config.text_config):
+        cfg.tie_word_embeddings = True
+    methods.quantize(model, processor, "rtn", QuantConfig(w_bits=4, a_bits=4), progress=False)
+    deploy.deploy(model)
+    before = _logits(model, batch)
+    out = deploy.save_packed(model, tmp_path / "packed", processor=processor)
+    meta = json.loads((out / deploy.PACKED_META).read_text())
+    assert meta["tied"] == {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    loaded, _ = deploy.load_packed(out)
+    assert torch.equal(_logits(loaded, batch), before)
+    assert llava.tied_embeddings(loaded)
 
 
 def test_memory_report(tmp_path):

@@ -13,11 +13,12 @@ from qvlm import cli, loading, methods, transforms
 from qvlm import data as qdata
 from qvlm.config import CalibConfig
 from qvlm.core.qlinear import quant_linears
-from qvlm.deploy.export import EXPORT_META, export_compressed_tensors, load_export
+from qvlm.deploy.export import EXPORT_META, _from_pretrained, export_compressed_tensors, load_export
 from qvlm.errors import QVLMError
 from qvlm.evaluate import predict
 from qvlm.experiments import setting_of
 from qvlm.models import load
+from random_llava import dinov2_llava
 
 torch.set_num_threads(1)
 N_EVAL = 200
@@ -155,3 +156,17 @@ def test_cli_export_and_eval(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["export", str(q4), "--format", "compressed-tensors", "--out", str(bad)]) == 2
     assert "closest exportable setting: W4A16" in capsys.readouterr().err and not bad.exists()
+
+
+def test_dinov2_tower_with_tied_embeddings_reloads(tmp_path):
+    """SmolLM2 + DINOv2 (smol): transformers 5 runs DINOv2's _init_weights over the reloaded compressed linears,
+    which have no `weight`; the export's loader spares them, and the tied lm_head comes back tied."""
+    model, batch = dinov2_llava(0)
+    qcfg = setting_of("W4A16")
+    m, _ = methods.quantize(model, None, "rtn", qcfg, CalibConfig(n_calib=1), progress=False)
+    summary = export_compressed_tensors(m, tmp_path / "ct")
+    assert summary["weights_bit_exact"]
+    back = _from_pretrained(tmp_path / "ct")
+    assert back.get_output_embeddings().weight is back.get_input_embeddings().weight
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, m(**batch).logits, rtol=1e-4, atol=1e-4)

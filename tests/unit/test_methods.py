@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvlm import methods
+from qvlm import experiments, methods
 from qvlm.core import calib, quant
 from qvlm import data as qdata
-from qvlm.config import CalibConfig, QuantConfig
+from qvlm.config import CalibConfig, EvalConfig, QuantConfig
 from qvlm.errors import QVLMError
 from qvlm.evaluate import evaluate
 from qvlm.methods import mbq
@@ -279,3 +279,23 @@ def test_learned_rounding_refuses_nf4(small):
     with pytest.raises(QVLMError, match="int"):
         methods.quantize(copy.deepcopy(small[0]), small[1], "adaround", QuantConfig(4, 16, weight_format="nf4"),
                          CAL, progress=False, iters=2)
+
+
+def test_grid_reuses_a_row_with_the_same_run_key(small, monkeypatch):
+    """grid(reuse=...) returns an earlier row for a run with the same method, config, seed, calibration and evaluation
+    (relabelled, not searched again) and searches when any of them differs."""
+    model, processor = small
+    kw = dict(eval=EvalConfig(n_eval=4, batch_size=4), calib=CAL, progress=False)
+    first = experiments.grid(model, processor, [experiments.variant("brecq", "main", iters=3)], ["W4A4"], [0], **kw)
+    calls = []
+    real = experiments.run_one
+    monkeypatch.setattr(experiments, "run_one", lambda *a, **k: calls.append(k["knobs"]) or real(*a, **k))
+    again = experiments.grid(model, processor, [experiments.variant("brecq", "sweep 3", iters=3),
+                                                experiments.variant("brecq", "sweep 4", iters=4)], ["W4A4"], [0],
+                             reuse=first, **kw)
+    assert calls == [dict(iters=4)]                                       # only the new config was searched
+    assert again[0]["variant"] == "sweep 3" and again[0]["reused_from"] == "main"
+    assert again[0]["accuracy"] == first[0]["accuracy"] and again[0]["knobs"] == first[0]["knobs"]
+    other_seed = experiments.grid(model, processor, [experiments.variant("brecq", "s1", iters=3)], ["W4A4"], [1],
+                                  reuse=first, **kw)
+    assert len(calls) == 2 and "reused_from" not in other_seed[0]
