@@ -45,3 +45,26 @@ def test_stale_detects_a_changed_notebook(tmp_path):
     man["notebooks"][nbs[0].stem]["source_hash"] = publish.notebook_hash(nbs[0])
     (out / "manifest.json").write_text(json.dumps(man))
     assert publish.stale(nbs, out) == []
+
+
+def test_publishing_one_notebook_keeps_the_others(tmp_path):
+    """`reproduce --only NN` publishes one notebook: the entries of those published earlier stay, with their own
+    commit and code hash (a notebook run at an older commit is reported as such, not as current)."""
+    nbs = notebooks()[:2]
+    res, out = tmp_path / "results", tmp_path / "pub"
+    out.mkdir()
+    old = dict(source_hash=publish.notebook_hash(nbs[0]), figures=[], code_hash="older-code", git_commit="0" * 40)
+    (out / f"{nbs[0].stem}.ipynb").write_text("{}")
+    (out / "manifest.json").write_text(json.dumps(dict(code_hash="older-code", git_commit="0" * 40,
+                                                       notebooks={nbs[0].stem: old})))
+    (res / "executed").mkdir(parents=True)
+    (res / "executed" / nbs[1].name).write_text("{}")
+    (res / nbs[1].stem / "full").mkdir(parents=True)
+    (res / nbs[1].stem / "full" / "metrics.json").write_text(json.dumps({"config": {"model": "smol"}}))
+    man = publish.publish(nbs, seconds={nbs[1].stem: 1.0}, results=res, out=out)
+    assert set(man["notebooks"]) == {nbs[0].stem, nbs[1].stem}
+    assert man["notebooks"][nbs[0].stem]["code_hash"] == "older-code"
+    assert man["notebooks"][nbs[1].stem]["code_hash"] == publish.code_hash()
+    reasons = publish.stale(nbs, out)
+    assert any(r.startswith(f"{nbs[0].stem}: the package code changed") for r in reasons)
+    assert not any(r.startswith(nbs[1].stem) for r in reasons)

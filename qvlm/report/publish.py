@@ -7,11 +7,12 @@ results/published/, and a manifest that says which code produced them.
 results/published/
     NN_name.ipynb          the executed notebook (outputs kept: a reader on the web sees every table and plot)
     figures/NN_name-<figure>.png   each notebook's saved figures, re-encoded as palette PNGs (the README embeds them)
-    manifest.json          git commit, a hash of the code (qvlm/, kernels/), a hash of each notebook's source cells,
-                           model, mode, preset, seconds per notebook, date
+    manifest.json          per notebook: the git commit and hash of the code (qvlm/, kernels/) that ran it, a hash of
+                           its source cells, model, mode, preset, seconds, date (publishing one notebook keeps the
+                           entries of the others)
 
 Stale = a notebook whose source cells differ from the published copy's (its results no longer come from the code),
-or code that changed since the publication (the manifest's code hash differs: then the numbers may still hold, but
+or code that changed since its publication (its entry's code hash differs: then the numbers may still hold, but
 `make reproduce` should be rerun). Total size is kept under SIZE_BUDGET.
 """
 from __future__ import annotations
@@ -78,7 +79,10 @@ def publish(notebooks: list[Path], mode: str = "full", seconds: dict | None = No
             out: Path = PUBLISHED) -> dict:
     """Copy each executed notebook of `mode` and its figures into `out`, write the manifest; returns it."""
     out.mkdir(parents=True, exist_ok=True)
-    entries = {}
+    previous = out / "manifest.json"
+    entries = json.loads(previous.read_text())["notebooks"] if previous.is_file() else {}
+    entries = {k: e for k, e in entries.items() if (out / f"{k}.ipynb").is_file()}   # kept: published earlier
+    commit, code, today = git_commit(), code_hash(), datetime.date.today().isoformat()
     for nb in notebooks:
         executed = results / "executed" / nb.name
         if not executed.is_file():
@@ -93,9 +97,10 @@ def publish(notebooks: list[Path], mode: str = "full", seconds: dict | None = No
                 figs.append(f"figures/{nb.stem}-{fig}.png")
         cfg = metrics.get("config") or {}
         entries[nb.stem] = dict(source_hash=notebook_hash(nb), figures=figs, model=cfg.get("model"),
-                                mode=cfg.get("mode"), preset=cfg.get("preset"), seconds=(seconds or {}).get(nb.stem))
-    manifest = dict(git_commit=git_commit(), code_hash=code_hash(), date=datetime.date.today().isoformat(),
-                    notebooks=entries, size_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()))
+                                mode=cfg.get("mode"), preset=cfg.get("preset"), seconds=(seconds or {}).get(nb.stem),
+                                git_commit=commit, code_hash=code, date=today)
+    manifest = dict(git_commit=commit, code_hash=code, date=today, notebooks=dict(sorted(entries.items())),
+                    size_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()))
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
 
@@ -106,6 +111,7 @@ def stale(notebooks: list[Path], out: Path = PUBLISHED) -> list[str]:
     if not f.is_file():
         return ["nothing is published (run `make reproduce`)"]
     man = json.loads(f.read_text())
+    code = code_hash()
     reasons = []
     for nb in notebooks:
         e = man["notebooks"].get(nb.stem)
@@ -113,8 +119,9 @@ def stale(notebooks: list[Path], out: Path = PUBLISHED) -> list[str]:
             reasons.append(f"{nb.stem} is not published")
         elif e["source_hash"] != notebook_hash(nb):
             reasons.append(f"{nb.stem} changed since it was published")
-    if man.get("code_hash") != code_hash():
-        reasons.append(f"the package code changed since the publication (commit {man.get('git_commit', '?')[:10]})")
+        elif e.get("code_hash", man.get("code_hash")) != code:
+            reasons.append(f"{nb.stem}: the package code changed since it was published "
+                           f"(commit {e.get('git_commit', man.get('git_commit', '?'))[:10]})")
     return reasons
 
 

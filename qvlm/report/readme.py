@@ -2,7 +2,8 @@
 
 Sources (each written by a command; nothing here is typed in by hand):
     data/smol/testbed.json, data/tiny/testbed.json   python -m qvlm.testbed.smol record / qvlm.testbed.sensitivity
-    results/metrics.json, results/seconds.json       make reproduce (every notebook in full mode)
+    results/metrics.json, results/seconds.json       make reproduce (every notebook in full mode; full-mode seconds
+                                                     of published notebooks are read from their manifest)
     results/published/                               make reproduce (executed notebooks + figures, committed)
     results/bench/accuracy.md                        python -m bench.accuracy
     tests/reference/smoke_seconds.json               make update-reference (each notebook's smoke run, timed)
@@ -111,15 +112,18 @@ def figures_section() -> list[str]:
         return []
     figs = [f for e in man["notebooks"].values() for f in e["figures"] if any(k in f for k in KEY_FIGURES)]
     out = ["### Key figures (`results/published/`, executed notebooks beside them)", "",
-           f"Published from commit `{man['git_commit'][:10]}` on {man['date']}; "
-           "`python -m qvlm.report.publish --check` says whether they are current.", ""]
+           "Published " + "; ".join(f"`{k}` from commit `{e.get('git_commit', man['git_commit'])[:10]}` on "
+                                    f"{e.get('date', man['date'])}" for k, e in man["notebooks"].items())
+           + ". `python -m qvlm.report.publish --check` says whether they are current.", ""]
     out += [f"![{f}](results/published/{f})" for f in figs]
     return out + [""]
 
 
 def runtime_section() -> list[str]:
     smoke = _json(REPO_ROOT / "tests" / "reference" / "smoke_seconds.json") or {}
-    full = _json(RESULTS_DIR / "seconds.json") or {}
+    man = _json(PUBLISHED / "manifest.json") or {"notebooks": {}}
+    full = {**(_json(RESULTS_DIR / "seconds.json") or {}),              # this machine's last runs, then the published
+            **{k: e["seconds"] for k, e in man["notebooks"].items() if e.get("seconds") is not None}}
     if not smoke and not full:
         return []
     stems = sorted(set(smoke) | set(full))
