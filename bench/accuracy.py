@@ -22,6 +22,7 @@ import torch
 from qvlm import experiments, loading, methods
 from qvlm.config import MODES, PRESET_NAMES, parse_settings, resolve
 from qvlm.errors import QVLMError
+from qvlm.evaluate import chance_accuracy, majority_accuracy
 from qvlm.models import llava
 from qvlm.paths import RESULTS_DIR
 from qvlm.report.stats import pm, summarize
@@ -45,11 +46,13 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS,
     knobs = {k: v for k, v in dict(iters=cfg.iters, budget=total).items() if k in known}   # preset knobs, not typed
     ev = cfg.eval()
     fp = experiments.fp_row(model, processor, ev, model_name)
+    samples = experiments.eval_samples(ev)
     rows = experiments.grid(model, processor, names, qcfgs, seeds, knobs=knobs, eval=ev,
                             calib=cfg.calib(), transform=transform, model_name=model_name, progress=progress)
     ok = [r for r in rows if "error" not in r]
     summary = summarize(ok).to_dict("records") if ok else []
     return dict(model=model_name, dataset=dataset, n_eval=fp["n_eval"], fp_accuracy=fp["accuracy"],
+                chance_accuracy=chance_accuracy(samples), majority_accuracy=majority_accuracy(samples),
                 settings=[s.setting for s in qcfgs], scope=",".join(qcfgs[0].scope), seeds=list(seeds), mode=mode, preset=preset,
                 calib=dict(n_calib=cfg.n_calib, batch_size=cfg.batch_size), iters=cfg.iters, budget=total,
                 transform=transform, device=device, torch=torch.__version__, threads=torch.get_num_threads(),
@@ -79,7 +82,9 @@ def to_markdown(res: dict) -> str:
              f"{' steps in total' if res['budget'] else ''} ({res['mode']} mode, {res['preset']} preset); quantized: "
              f"{res.get('scope', 'vision,projector,llm')}; transform "
              f"{res['transform']}; {res['device']}, torch {res['torch']}, {res['threads']} threads. FP accuracy "
-             f"{100 * res['fp_accuracy']:.1f} %.", "", "Accuracy %, mean ± std over seeds (change of the mean vs FP, points)", "",
+             f"{100 * res['fp_accuracy']:.1f} %. Floors: uniform guessing {100 * res['chance_accuracy']:.1f} %, always "
+             f"answering the most often correct position {100 * res['majority_accuracy']:.1f} %; a cell at or below "
+             f"them ranks nothing.", "", "Accuracy %, mean ± std over seeds (change of the mean vs FP, points)", "",
              "| method | " + " | ".join(s) + " |", "|---|" + "---|" * len(s)]
     lines += [f"| {n} | " + " | ".join(acc(n, st) for st in s) + " |" for n in names]
     lines += ["", "Search CPU seconds (calibration + search, mean over seeds)", "",

@@ -76,6 +76,13 @@ def chance_accuracy(samples: list[dict]) -> float:
     return sum(1 / len(s["choices"]) for s in samples) / len(samples)
 
 
+def majority_accuracy(samples: list[dict]) -> float:
+    """Accuracy of the best constant predictor: always answering the same choice position (the position that is
+    most often correct). A model at or below this level, or below chance, ranks nothing."""
+    positions = range(max(len(s["choices"]) for s in samples))
+    return max(sum(s["answer"] == k for s in samples) for k in positions) / len(samples)
+
+
 @torch.no_grad()
 def output_error(model_q: nn.Module, model_fp: nn.Module, processor, samples: list[dict], batch_size: int = 16) -> dict:
     """How far the quantized model's answer distribution is from the FP model's, at the answer position:

@@ -33,6 +33,16 @@ def test_synthetic_format_and_chance():
     assert evaluate.chance_accuracy(s) <= 0.35
 
 
+def test_majority_floor_is_the_best_constant_answer():
+    s = [dict(choices=["a", "b", "c", "d"], answer=a) for a in (1, 1, 1, 0, 2, 3)] + \
+        [dict(choices=["a", "b"], answer=a) for a in (0, 1)]
+    assert evaluate.majority_accuracy(s) == 4 / 8                     # always answering position 1
+    assert evaluate.chance_accuracy(s) == (6 / 4 + 2 / 2) / 8
+    preds = [1] * len(s)
+    assert evaluate.evaluate(None, None, [dict(x, category="c") for x in s], predictions=preds)["accuracy"] \
+        == evaluate.majority_accuracy(s)
+
+
 def test_prompt_follows_llava_scienceqa_protocol():
     s = dict(question="what colour is the circle ?", choices=["red", "blue"], answer=1, image=np.zeros((2, 2, 3)))
     p = data.prompt(s)
