@@ -25,7 +25,7 @@ from qvlm.errors import QVLMError
 from qvlm.evaluate import chance_accuracy, majority_accuracy
 from qvlm.models import llava
 from qvlm.paths import RESULTS_DIR
-from qvlm.report.stats import pm, summarize
+from qvlm.report.stats import order, pm, summarize
 from qvlm.utils import atomic_write_json, atomic_write_text
 
 SETTINGS = "W8A8,W6A6,W4A4,W4A16"          # the paper's settings (W6A6 / W4A4) plus deployment ones (W8A8 / W4A16)
@@ -60,6 +60,10 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS,
                 rows=[{k: v for k, v in r.items() if k not in ("info",)} for r in rows])
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
 def to_markdown(res: dict) -> str:
     """Two tables: accuracy mean +- std per method x setting (change vs FP in points), then the search cost."""
     by = {(r["variant"], r["setting"]): r for r in res["summary"]}
@@ -77,7 +81,8 @@ def to_markdown(res: dict) -> str:
         r = by.get((n, st))
         return "–" if r is None else f"{r['cpu_s_mean']:.0f}"
 
-    lines = [f"Model `{res['model']}`, {res['n_eval']} test samples; calibration {res['calib']['n_calib']} TRAIN samples, "
+    lines = ([f"`{res['command']}`", ""] if res.get("command") else []) + [
+             f"Model `{res['model']}`, {res['n_eval']} test samples; calibration {res['calib']['n_calib']} TRAIN samples, "
              f"seeds {res['seeds']}; learned searches: {res['budget'] or str(res['iters']) + ' steps per block'}"
              f"{' steps in total' if res['budget'] else ''} ({res['mode']} mode, {res['preset']} preset); quantized: "
              f"{res.get('scope', 'vision,projector,llm')}; transform "
@@ -90,6 +95,20 @@ def to_markdown(res: dict) -> str:
     lines += ["", "Search CPU seconds (calibration + search, mean over seeds)", "",
               "| method | " + " | ".join(s) + " |", "|---|" + "---|" * len(s)]
     lines += [f"| {n} | " + " | ".join(cost(n, st) for st in s) + " |" for n in names]
+    lines += ["", "Top of each setting against the runner-up (mean ± std intervals; overlapping = tied)", ""]
+    for st in s:
+        ranked = sorted((by[(n, st)] for n in names if (n, st) in by), key=lambda r: -r["accuracy_mean"])
+        if len(ranked) > 1:
+            a, b = ranked[0], ranked[1]
+            verdict = order((a["accuracy_mean"], a["accuracy_std"]), (b["accuracy_mean"], b["accuracy_std"]))
+            lines.append(f"- {st}: {a['variant']} {verdict} {b['variant']}")
+    veo = [r for r in res["rows"] if "veo_reverted" in r]
+    if veo:
+        lines += ["", "Visual-encoder optimisation (VEO) per run: quantized-input entropy before -> after, FP accuracy on val "
+                      "before -> after, and whether the guard reverted it (its cost stays in the search seconds)", ""]
+        lines += [f"- {r['variant']} {r['setting']} seed {r['seed']}: H {r['veo_H_before']:.4f} -> {r['veo_H_after']:.4f} "
+                  f"({100 * (r['veo_H_after'] / r['veo_H_before'] - 1):+.1f} %), FP val {_pct(r['veo_fp_val_before'])} -> "
+                  f"{_pct(r['veo_fp_val_after'])}, {'reverted' if r['veo_reverted'] else 'kept'}" for r in veo]
     return "\n".join(lines) + "\n"
 
 
@@ -109,7 +128,8 @@ def main(argv=None) -> int:
                                                "(default: all three)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--out", default=str(RESULTS_DIR / "bench"), help="directory for accuracy.md / accuracy.json")
+    p.add_argument("--out", default=str(RESULTS_DIR / "bench"), help="directory for accuracy.md / accuracy.json "
+                                                                     "(results/published/bench/NAME: committed, in the README)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
@@ -121,6 +141,7 @@ def main(argv=None) -> int:
     except QVLMError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
+    res["command"] = " ".join(["python -m bench.accuracy", *(sys.argv[1:] if argv is None else argv)])
     md = to_markdown(res)
     print(md)
     out = Path(args.out)

@@ -103,7 +103,7 @@ class EvalConfig:
 #   n_seeds    calibration seeds of every compared cell               dependency (notebook 02)
 #   batch_size calibration / evaluation batch
 PRESETS: dict[str, dict[str, dict]] = {
-    "smoke": {p: dict(n_calib=8, n_eval=200, iters=20, ded_iters=20, n_seeds=2, batch_size=16) for p in ("cpu", "gpu")},
+    "smoke": {p: dict(n_calib=8, n_eval=200, iters=10, ded_iters=20, n_seeds=2, batch_size=16) for p in ("cpu", "gpu")},
     "full": {
         # cpu: small searches for 2 CPU cores (16 calibration samples = one batch, 10 steps per layer-sized block,
         # 500 test samples), identical for every method so comparisons stay fair; on smol one learned search still

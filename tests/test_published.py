@@ -68,3 +68,21 @@ def test_publishing_one_notebook_keeps_the_others(tmp_path):
     reasons = publish.stale(nbs, out)
     assert any(r.startswith(f"{nbs[0].stem}: the package code changed") for r in reasons)
     assert not any(r.startswith(nbs[1].stem) for r in reasons)
+    assert publish.published_metrics(nbs[1].stem, out) == {"config": {"model": "smol"}}   # the README reads these
+    assert publish.published_metrics(nbs[0].stem, out) is None
+
+
+def test_readme_tables_come_from_the_published_metrics(tmp_path, monkeypatch):
+    """A fresh clone has no results/metrics.json (git-ignored): the README's tables read results/published/metrics/."""
+    from qvlm.report import readme
+
+    monkeypatch.setattr(readme, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(readme, "PUBLISHED", tmp_path / "pub")
+    assert readme.deploy_section() == []
+    row = dict(variant="rtn", setting="W4A4", n_eval=200, accuracy=0.285, packed_acc=0.26, agreement=0.64,
+               layer_max_rel_err=1e-6)
+    (tmp_path / "pub" / "metrics").mkdir(parents=True)
+    (tmp_path / "pub" / "metrics" / "06_triton_deployment.json").write_text(
+        json.dumps({"config": {"mode": "full"}, "metrics": {"accuracy": [row], "packed_backend": "reference"}}))
+    text = "\n".join(readme.deploy_section())
+    assert "| rtn | 28.5 / 26.0 (0.64) |" in text and "1.0e-06" in text

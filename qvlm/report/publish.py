@@ -7,6 +7,7 @@ results/published/, and a manifest that says which code produced them.
 results/published/
     NN_name.ipynb          the executed notebook (outputs kept: a reader on the web sees every table and plot)
     figures/NN_name-<figure>.png   each notebook's saved figures, re-encoded as palette PNGs (the README embeds them)
+    metrics/NN_name.json   the run's metrics.json (config + every number it saved; the README's tables read these)
     manifest.json          per notebook: the git commit and hash of the code (qvlm/, kernels/) that ran it, a hash of
                            its source cells, model, mode, preset, seconds, date (publishing one notebook keeps the
                            entries of the others)
@@ -89,6 +90,7 @@ def publish(notebooks: list[Path], mode: str = "full", seconds: dict | None = No
             continue
         shutil.copyfile(executed, out / nb.name)
         metrics = json.loads((results / nb.stem / mode / "metrics.json").read_text())
+        atomic_write_json(out / "metrics" / f"{nb.stem}.json", metrics)
         figs = []
         for fig in metrics.get("figures", []):
             src = results / nb.stem / mode / f"{fig}.png"
@@ -103,6 +105,12 @@ def publish(notebooks: list[Path], mode: str = "full", seconds: dict | None = No
                     size_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()))
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def published_metrics(stem: str, out: Path = PUBLISHED) -> dict | None:
+    """The metrics.json a published notebook's run wrote (None if it is not published with its metrics)."""
+    f = out / "metrics" / f"{stem}.json"
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def stale(notebooks: list[Path], out: Path = PUBLISHED) -> list[str]:

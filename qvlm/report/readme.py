@@ -2,10 +2,11 @@
 
 Sources (each written by a command; nothing here is typed in by hand):
     data/smol/testbed.json, data/tiny/testbed.json   python -m qvlm.testbed.smol record / qvlm.testbed.sensitivity
-    results/metrics.json, results/seconds.json       make reproduce (every notebook in full mode; full-mode seconds
-                                                     of published notebooks are read from their manifest)
-    results/published/                               make reproduce (executed notebooks + figures, committed)
-    results/bench/accuracy.md                        python -m bench.accuracy
+    results/published/                               make reproduce (executed notebooks, figures, each run's
+                                                     metrics.json under metrics/ and its seconds in the manifest:
+                                                     committed, so the README regenerates from a fresh clone)
+    results/metrics.json, results/seconds.json       make reproduce on this machine (used where nothing is published)
+    results/published/bench/*/accuracy.md            python -m bench.accuracy --out results/published/bench/NAME
     tests/reference/smoke_seconds.json               make update-reference (each notebook's smoke run, timed)
 The block between `<!-- results:start -->` and `<!-- results:end -->` in README.md is replaced (atomically).
 """
@@ -18,7 +19,7 @@ import sys
 from ..paths import REPO_ROOT, RESULTS_DIR
 from ..utils import atomic_write_text
 from .claims import claims_markdown
-from .publish import PUBLISHED
+from .publish import PUBLISHED, published_metrics
 from .stats import pm
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -56,8 +57,13 @@ def testbed_section(name: str) -> list[str]:
     return out
 
 
+def notebook_metrics(stem: str) -> dict | None:
+    """A notebook's full-mode metrics.json: the published copy (committed), else this machine's last full run."""
+    return published_metrics(stem, PUBLISHED) or _json(RESULTS_DIR / stem / "full" / "metrics.json")
+
+
 def claims_section() -> list[str]:
-    m = _json(RESULTS_DIR / "07_reproduce_paper" / "full" / "metrics.json")
+    m = notebook_metrics("07_reproduce_paper")
     head = "### The paper's claims (`notebooks/07_reproduce_paper.ipynb`, full mode)"
     if not m:
         return [head, "", "*No full-mode claims table yet: run `make reproduce`, then `python -m qvlm.report.readme`.*", ""]
@@ -68,8 +74,8 @@ def claims_section() -> list[str]:
 
 
 def main_table_section() -> list[str]:
-    m = (_json(RESULTS_DIR / "metrics.json") or {}).get("05_rounding_search")
-    head = "### Main table: accuracy %, mean ± std over calibration seeds (`results/metrics.json`, notebook 05)"
+    m = (notebook_metrics("05_rounding_search") or {}).get("metrics")
+    head = "### Main table: accuracy %, mean ± std over calibration seeds (notebook 05, full mode)"
     if not m or not m.get("summary"):
         return [head, "", "*Not measured yet: run `make reproduce`.*", ""]
     rows = m["summary"]
@@ -86,18 +92,20 @@ def main_table_section() -> list[str]:
 
 
 def deploy_section() -> list[str]:
-    m = (_json(RESULTS_DIR / "metrics.json") or {}).get("06_triton_deployment")
+    src = notebook_metrics("06_triton_deployment") or {}
+    m = src.get("metrics")
     rows = [r for r in (m or {}).get("accuracy", []) if not r.get("error")]
     if not rows:
         return []
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     by = {(r["variant"], r["setting"]): r for r in rows}
-    lines = ["### Packed integer model vs its fake-quant twin, every method (`results/metrics.json`, notebook 06)", "",
+    errs = [r["layer_max_rel_err"] for r in rows if r.get("layer_max_rel_err") is not None]
+    lines = ["### Packed integer model vs its fake-quant twin, every method (notebook 06, full mode)", "",
              f"Accuracy % of the fake-quant model / of the packed model on the same {rows[0]['n_eval']} test samples "
              f"(share of identical answers); packed models evaluated with {m['packed_backend']} "
              f"({'Triton kernels' if m['packed_backend'] == 'kernels' else 'plain-torch references over the same integers'}); "
-             f"calibration seed 0. Largest layer-local relative error: "
-             f"{max(r['layer_max_rel_err'] for r in rows):.1e}.", "",
+             f"calibration seed 0." + (f" Largest layer-local relative error: {max(errs):.1e}." if errs else "")
+             + (f" Read back from {src['recovered_from']}." if src.get("recovered_from") else ""), "",
              "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     for meth in dict.fromkeys(r["variant"] for r in rows):
         cells = [f"{_pct(by[(meth, s)]['accuracy'])} / {_pct(by[(meth, s)]['packed_acc'])} ({by[(meth, s)]['agreement']:.2f})"
@@ -138,10 +146,11 @@ def runtime_section() -> list[str]:
 
 
 def bench_section() -> list[str]:
-    path = RESULTS_DIR / "bench" / "accuracy.md"
-    if not path.exists():
-        return []
-    return ["### Every method × setting (`python -m bench.accuracy`)", "", path.read_text().strip(), ""]
+    """Every committed bench table (results/published/bench/NAME/accuracy.md: each names its own command)."""
+    out = []
+    for path in sorted((PUBLISHED / "bench").glob("*/accuracy.md")):
+        out += [f"### `python -m bench.accuracy` ({path.relative_to(REPO_ROOT)})", "", path.read_text().strip(), ""]
+    return out
 
 
 def render() -> str:

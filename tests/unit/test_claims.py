@@ -206,6 +206,7 @@ def test_readme_shows_the_full_mode_claims_table_or_says_how_to_get_it(tmp_path,
     from qvlm.report import readme
 
     monkeypatch.setattr(readme, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(readme, "PUBLISHED", tmp_path / "published")
     assert "run `make reproduce`" in "\n".join(readme.claims_section())
     t = C.claims_table({s: None for s in C.UPSTREAM}, [])
     path = tmp_path / "07_reproduce_paper" / "full" / "metrics.json"
