@@ -95,13 +95,15 @@ def to_markdown(res: dict) -> str:
     lines += ["", "Search CPU seconds (calibration + search, mean over seeds)", "",
               "| method | " + " | ".join(s) + " |", "|---|" + "---|" * len(s)]
     lines += [f"| {n} | " + " | ".join(cost(n, st) for st in s) + " |" for n in names]
-    lines += ["", "Top of each setting against the runner-up (mean ± std intervals; overlapping = tied)", ""]
+    tops = []
     for st in s:
         ranked = sorted((by[(n, st)] for n in names if (n, st) in by), key=lambda r: -r["accuracy_mean"])
         if len(ranked) > 1:
             a, b = ranked[0], ranked[1]
             verdict = order((a["accuracy_mean"], a["accuracy_std"]), (b["accuracy_mean"], b["accuracy_std"]))
-            lines.append(f"- {st}: {a['variant']} {verdict} {b['variant']}")
+            tops.append(f"- {st}: {a['variant']} {verdict} {b['variant']}")
+    if tops:
+        lines += ["", "Top of each setting against the runner-up (mean ± std intervals; overlapping = tied)", "", *tops]
     veo = [r for r in res["rows"] if "veo_reverted" in r]
     if veo:
         lines += ["", "Visual-encoder optimisation (VEO) per run: quantized-input entropy before -> after, FP accuracy on val "
