@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)       # 2 workers: the notebooks (one group, in order) beside the unit tests
-	$(PY) -m pytest -q -x --durations=15 -n 2 --dist loadgroup tests
+test: $(STAMP)
+	$(PY) -m pytest -q -x --durations=15 tests
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not notebooks" tests

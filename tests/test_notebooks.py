@@ -33,8 +33,7 @@ def smoke_dir(tmp_path_factory):
 
 
 @pytest.mark.notebooks
-@pytest.mark.xdist_group("notebooks")     # `pytest -n 2 --dist loadgroup` (make test): one worker runs them in order,
-@pytest.mark.parametrize("nb", notebooks(), ids=lambda p: p.stem)      # sharing smoke_dir; 07 reads 00-06 from it
+@pytest.mark.parametrize("nb", notebooks(), ids=lambda p: p.stem)
 def test_notebook_smoke(nb, smoke_dir):
     extra = {SOURCES_PARAM[nb.stem]: str(smoke_dir)} if nb.stem in SOURCES_PARAM else {}
     extra["MODEL"] = SMOKE_MODEL
