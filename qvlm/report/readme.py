@@ -5,7 +5,7 @@ Sources (each written by a command; nothing here is typed in by hand):
     results/published/                               make reproduce (executed notebooks, figures, each run's
                                                      metrics.json under metrics/ and its seconds in the manifest:
                                                      committed, so the README regenerates from a fresh clone)
-    results/metrics.json, results/seconds.json       make reproduce on this machine (used where nothing is published)
+    results/NN_name/full/metrics.json, results/seconds.json   this machine's last full runs (where nothing is published)
     results/published/bench/*/accuracy.md            python -m bench.accuracy --out results/published/bench/NAME
     tests/reference/smoke_seconds.json               make update-reference (each notebook's smoke run, timed)
 The block between `<!-- results:start -->` and `<!-- results:end -->` in README.md is replaced (atomically).
