@@ -32,12 +32,15 @@ SETTINGS = "W8A8,W6A6,W4A4,W4A16"          # the paper's settings (W6A6 / W4A4) 
 
 
 def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS, seeds=None, mode="full",
-        preset="cpu", budget="auto", n_eval=-1, transform="none", device="cpu", progress=True, scope="") -> dict:
+        preset="cpu", budget="auto", n_eval=-1, transform="none", device="cpu", progress=True, scope="",
+        w_clip="") -> dict:
     """Quantize + evaluate every (method, setting, seed); returns the JSON-able results. `scope`: a comma-separated
-    subset of vision,projector,llm to quantize (the rest stays FP: which part loses the accuracy); "" = all."""
+    subset of vision,projector,llm to quantize (the rest stays FP: which part loses the accuracy); "" = all.
+    `w_clip`: how every method's weight ranges are chosen (QuantConfig.w_clip); "" = the QuantConfig default."""
     cfg = resolve(mode, preset=preset, model=model_name, dataset=dataset, n_eval=n_eval, notebook="bench")
     names = [experiments.variant(n)["label"] for n in (method_names or experiments.table_methods())]
-    qcfgs = [dataclasses.replace(q, scope=scope) if scope else q for q in parse_settings(settings)]
+    fields = dict(scope=scope, w_clip=w_clip)
+    qcfgs = [dataclasses.replace(q, **{k: v for k, v in fields.items() if v}) for q in parse_settings(settings)]
     seeds = seeds or cfg.seeds
     model, processor = loading.load(model_name, device=device)
     n_layers = len(llava.blocks(model))
@@ -53,7 +56,8 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS,
     summary = summarize(ok).to_dict("records") if ok else []
     return dict(model=model_name, dataset=dataset, n_eval=fp["n_eval"], fp_accuracy=fp["accuracy"],
                 chance_accuracy=chance_accuracy(samples), majority_accuracy=majority_accuracy(samples),
-                settings=[s.setting for s in qcfgs], scope=",".join(qcfgs[0].scope), seeds=list(seeds), mode=mode, preset=preset,
+                settings=[s.setting for s in qcfgs], scope=",".join(qcfgs[0].scope), w_clip=qcfgs[0].w_clip,
+                seeds=list(seeds), mode=mode, preset=preset,
                 calib=dict(n_calib=cfg.n_calib, batch_size=cfg.batch_size), iters=cfg.iters, budget=total,
                 transform=transform, device=device, torch=torch.__version__, threads=torch.get_num_threads(),
                 machine=platform.processor() or platform.machine(), summary=summary,
@@ -85,7 +89,7 @@ def to_markdown(res: dict) -> str:
              f"Model `{res['model']}`, {res['n_eval']} test samples; calibration {res['calib']['n_calib']} TRAIN samples, "
              f"seeds {res['seeds']}; learned searches: {res['budget'] or str(res['iters']) + ' steps per block'}"
              f"{' steps in total' if res['budget'] else ''} ({res['mode']} mode, {res['preset']} preset); quantized: "
-             f"{res.get('scope', 'vision,projector,llm')}; transform "
+             f"{res.get('scope', 'vision,projector,llm')}; weight ranges {res.get('w_clip', 'minmax')}; transform "
              f"{res['transform']}; {res['device']}, torch {res['torch']}, {res['threads']} threads. FP accuracy "
              f"{100 * res['fp_accuracy']:.1f} %. Floors: uniform guessing {100 * res['chance_accuracy']:.1f} %, always "
              f"answering the most often correct position {100 * res['majority_accuracy']:.1f} %; a cell at or below "
@@ -128,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--transform", default="none")
     p.add_argument("--scope", default="", help="parts to quantize: a comma-separated subset of vision,projector,llm "
                                                "(default: all three)")
+    p.add_argument("--w-clip", default="", help="weight ranges of every method: minmax | mse (default: minmax)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--out", default=str(RESULTS_DIR / "bench"), help="directory for accuracy.md / accuracy.json "
@@ -139,7 +144,7 @@ def main(argv=None) -> int:
     try:
         res = run(args.model, args.dataset, [n for n in args.methods.split(",") if n], args.settings,
                   [int(s) for s in args.seeds.split(",") if s.strip()] or None, args.mode, args.preset, args.budget,
-                  args.limit, args.transform, args.device, not args.no_progress, args.scope)
+                  args.limit, args.transform, args.device, not args.no_progress, args.scope, args.w_clip)
     except QVLMError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2

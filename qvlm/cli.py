@@ -23,6 +23,7 @@ from pathlib import Path
 from . import experiments, loading, methods, transforms
 from .config import SCOPES, CalibConfig, EvalConfig, QuantConfig, parse_settings
 from .core.checkpoint import QUANT_META, save_quantized
+from .core.quant import W_CLIPS
 from .data import load_split
 from .deploy import cli as deploy_cli
 from .errors import QVLMError
@@ -82,6 +83,8 @@ def add_quant(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=q.group_size,
                    help="0 = per output channel, else a divisor of each width")
     p.add_argument("--w-asym", action="store_true", help="asymmetric weights (default symmetric)")
+    p.add_argument("--w-clip", default=q.w_clip, choices=list(W_CLIPS),
+                   help="weight ranges: minmax | mse (per-group clip-ratio search, data-free)")
     p.add_argument("--a-asym", action="store_true", help="asymmetric activations (default symmetric)")
     p.add_argument("--a-granularity", default=q.a_granularity, choices=["token", "tensor"],
                    help="token: dynamic per-token ranges | tensor: static ranges calibrated on data")
@@ -98,7 +101,7 @@ def add_quant(p: argparse.ArgumentParser) -> None:
 def _qcfg(args) -> QuantConfig:
     return QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, group_size=args.group_size,
                        w_symmetric=not args.w_asym, a_symmetric=not args.a_asym, a_granularity=args.a_granularity,
-                       weight_format=args.weight_format, scope=args.scope)
+                       weight_format=args.weight_format, scope=args.scope, w_clip=args.w_clip)
 
 
 def _calib(args) -> CalibConfig:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import re
 
-from .core.quant import check_bits
+from .core.quant import check_bits, check_w_clip
 from .errors import QVLMError
 from .paths import RESULTS_DIR
 
@@ -32,6 +32,7 @@ class QuantConfig:
     a_bits: int = 4
     group_size: int = 0                  # 0 = one scale per output channel; else per group of input channels
     w_symmetric: bool = True             # symmetric weights: integer GEMM needs no zero-point correction
+    w_clip: str = "minmax"               # weight range: "minmax" | "mse" (per-group clip-ratio search, QuaRot's w_clip)
     a_symmetric: bool = True
     a_granularity: str = "token"         # "token": dynamic per-token scales | "tensor": static, calibrated
     weight_format: str = "int"           # "int": uniform integer grid | "nf4": bitsandbytes NF4 (official code)
@@ -40,6 +41,7 @@ class QuantConfig:
     def __post_init__(self):
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
+        check_w_clip(self.w_clip)
         if self.a_granularity not in ("token", "tensor"):
             raise QVLMError(f"unknown a_granularity {self.a_granularity!r}", "use 'token' or 'tensor'")
         if self.weight_format not in ("int", "nf4"):

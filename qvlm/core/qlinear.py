@@ -199,7 +199,8 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 4, a_bits: int = 4,
                  group_size: int = 0, w_symmetric: bool = True, a_symmetric: bool = True, a_granularity: str = "token",
-                 weight_format: str = "int", input_transform: str | None = None, device=None, dtype=None):
+                 weight_format: str = "int", input_transform: str | None = None, w_clip: str = "minmax", device=None,
+                 dtype=None):
         nn.Module.__init__(self)                         # not nn.Linear.__init__: no random init of the weight
         self.in_features, self.out_features = in_features, out_features
         if input_transform not in INPUT_TRANSFORMS:
@@ -210,6 +211,7 @@ class QuantLinear(nn.Linear):
         if weight_format not in ("int", "nf4"):
             raise QVLMError(f"unknown weight_format {weight_format!r}", "use 'int' or 'nf4'")
         self.w_symmetric, self.weight_format = w_symmetric, weight_format
+        self.w_clip = quant.check_w_clip(w_clip)     # how reset_weight_qparams picks each group's range
         self.act = ActQuantizer(a_bits, a_symmetric, a_granularity)     # shared by the linears of one unit
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
                                    requires_grad=False)
@@ -239,7 +241,7 @@ class QuantLinear(nn.Linear):
         """Wrap `linear` (its weight/bias tensors are shared, not copied) with the settings of `qcfg`."""
         kw = dict(w_bits=qcfg.w_bits, a_bits=qcfg.a_bits, group_size=qcfg.group_size, w_symmetric=qcfg.w_symmetric,
                   a_symmetric=qcfg.a_symmetric, a_granularity=qcfg.a_granularity, weight_format=qcfg.weight_format,
-                  input_transform=getattr(linear, "input_transform", None))
+                  input_transform=getattr(linear, "input_transform", None), w_clip=qcfg.w_clip)
         kw.update(overrides)
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **kw)
         q.weight = nn.Parameter(linear.weight.data, requires_grad=False)
@@ -254,7 +256,7 @@ class QuantLinear(nn.Linear):
         """The constructor settings (stored per layer in qvlm_quant.json)."""
         return dict(w_bits=self.w_bits, a_bits=self.a_bits, group_size=self.group_size, w_symmetric=self.w_symmetric,
                     a_symmetric=self.a_symmetric, a_granularity=self.a_granularity, weight_format=self.weight_format,
-                    input_transform=self.input_transform)
+                    input_transform=self.input_transform, w_clip=self.w_clip)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
@@ -277,11 +279,13 @@ class QuantLinear(nn.Linear):
 
     # ---------------------------------------------------------------------------------------------- weights
     @torch.no_grad()
-    def reset_weight_qparams(self, clip_ratio: float | torch.Tensor = 1.0) -> None:
-        """Recompute (w_scale, w_zero_point) from the current weight (after a method rescaled it); optional clip."""
+    def reset_weight_qparams(self, clip_ratio: float | torch.Tensor | None = None) -> None:
+        """Recompute (w_scale, w_zero_point) from the current weight (after a method rescaled it): each group's range
+        by the layer's `w_clip` rule, or shrunk by a given `clip_ratio` (a method's own search, e.g. AWQ's)."""
         if self.weight_format == "int" and self.quantizes_weight:
+            rule = "minmax" if clip_ratio is not None else self.w_clip
             scale, zero_point = quant.weight_qparams(self.weight.float(), self.w_bits, self.group_size,
-                                                     self.w_symmetric, clip_ratio)
+                                                     self.w_symmetric, 1.0 if clip_ratio is None else clip_ratio, rule)
             self.w_scale, self.w_zero_point = scale, zero_point
         self.weight_on_grid = False
 

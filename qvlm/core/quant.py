@@ -10,7 +10,9 @@ Grids (b = bits):
     symmetric : q in [-2^(b-1), 2^(b-1) - 1], zero_point = 0, scale = absmax / (2^(b-1) - 1)
     asymmetric: q in [0, 2^b - 1],            zero_point = round(-min / scale), scale = (max - min) / (2^b - 1)
 
-Weights are quantized per output channel (`group_size = 0`) or per group of `group_size` input channels;
+Weights are quantized per output channel (`group_size = 0`) or per group of `group_size` input channels, each
+range from the weights' min/max (`w_clip = "minmax"`) or shrunk to the ratio that minimises the group's rounding
+error (`w_clip = "mse"`, the grid search of GPTQ's `Quantizer(mse=True)` that QuaRot runs as `--w_clip`);
 activations per token (dynamic: one scale per row of the last dimension) or per tensor (static, calibrated).
 `bits = 16` means "not quantized" (identity) everywhere, so a 16-bit QuantLinear equals the FP layer.
 
@@ -26,6 +28,8 @@ from ..errors import QVLMError
 FP_BITS = 16                      # "no quantization"
 VALID_BITS = tuple(range(2, 9)) + (FP_BITS,)
 _EPS = 1e-8                       # floor on the step size: an all-zero group must not give scale = 0 (inf/NaN)
+W_CLIPS = ("minmax", "mse")       # how a weight group's range is chosen (weight_qparams)
+MSE_GRID, MSE_MAX_SHRINK, MSE_NORM = 100, 0.8, 2.4   # the search of w_clip "mse": ratios 1, 0.99, ..., 0.21; |err|^2.4
 
 
 def check_bits(bits, name: str = "bits") -> int:
@@ -102,9 +106,39 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_f, in_f // g, g)
 
 
+def check_w_clip(w_clip: str) -> str:
+    if w_clip not in W_CLIPS:
+        raise QVLMError(f"unknown w_clip {w_clip!r}", f"use one of {', '.join(W_CLIPS)}")
+    return w_clip
+
+
+@torch.no_grad()
+def mse_clip_ratio(w: torch.Tensor, bits: int, group_size: int = 0, symmetric: bool = True) -> torch.Tensor:
+    """Per-(channel, group) clip ratio r in {1, 0.99, ..., 1 - MSE_MAX_SHRINK + 0.01} minimising sum |Q(w; r) - w|^2.4
+    over the group, where Q(w; r) rounds w onto the grid of the range [r min, r max] (data-free: weights only).
+    Shape (out, n_groups); r = 1 where no shrink helps. Reference: GPTQ `quant.py::Quantizer.find_params(mse=True)`."""
+    wg = _grouped(w.float(), group_size)                         # (out, n_groups, g)
+    wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)
+    best = torch.full_like(wmin, float("inf"))
+    ratio = torch.ones_like(wmin)
+    for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
+        r = 1 - i / MSE_GRID
+        scale, zero_point = qparams_from_minmax(wmin * r, wmax * r, bits, symmetric)
+        err = (fake_quant(wg, scale[..., None], zero_point[..., None], bits, symmetric) - wg).abs_().pow_(MSE_NORM)
+        err = err.sum(dim=-1)
+        better = err < best
+        best = torch.where(better, err, best)
+        ratio = torch.where(better, torch.full_like(ratio, r), ratio)
+    return ratio
+
+
 def weight_qparams(w: torch.Tensor, bits: int, group_size: int = 0, symmetric: bool = True,
-                   clip_ratio: float | torch.Tensor = 1.0):
-    """Per-channel / per-group (scale, zero_point), each shaped (out, n_groups). `clip_ratio` shrinks the range."""
+                   clip_ratio: float | torch.Tensor = 1.0, w_clip: str = "minmax"):
+    """Per-channel / per-group (scale, zero_point), each shaped (out, n_groups). `clip_ratio` shrinks the range;
+    w_clip "mse" searches it per group instead (mse_clip_ratio; then clip_ratio must stay 1)."""
+    if check_w_clip(w_clip) == "mse":
+        assert not torch.is_tensor(clip_ratio) and clip_ratio == 1, "w_clip 'mse' searches the clip ratio itself"
+        clip_ratio = mse_clip_ratio(w, bits, group_size, symmetric)
     wg = _grouped(w.float(), group_size)                         # (out, n_groups, g)
     xmin = wg.amin(dim=-1) * clip_ratio
     xmax = wg.amax(dim=-1) * clip_ratio

@@ -41,7 +41,8 @@ def hessian_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 
 @torch.no_grad()
 def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = 0, symmetric: bool = True,
-                         percdamp: float = 0.01, block_size: int = 128, act_order: bool = False):
+                         percdamp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                         w_clip: str = "minmax"):
     """GPTQ on one weight (out, C) with Hessian h (C, C). Returns (Q on the grid (out, C), scale, zero_point)
     with scale / zero_point shaped (out, n_groups) like qvlm.quant.weight_qparams."""
     out_f, cols = w.shape
@@ -52,7 +53,7 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group_size
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    scale, zero_point = quant.weight_qparams(W, bits, group_size, symmetric)    # (out, n_groups)
+    scale, zero_point = quant.weight_qparams(W, bits, group_size, symmetric, w_clip=w_clip)    # (out, n_groups)
     perm = torch.arange(cols, device=W.device)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -74,7 +75,7 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group_size
             orig = int(perm[col])
             if group_size and not act_order and orig % g == 0:                  # lazy group params from updated W
                 scale[:, orig // g], zero_point[:, orig // g] = [t[:, 0] for t in quant.weight_qparams(
-                    W[:, col:col + g], bits, 0, symmetric)]
+                    W[:, col:col + g], bits, 0, symmetric, w_clip=w_clip)]
             s, z = scale[:, orig // g], zero_point[:, orig // g]                # (out,)
             wc = W1[:, i]
             qc = quant.fake_quant(wc, s, z, bits, symmetric)
@@ -132,9 +133,11 @@ def quantize_unit(data, qcfg, cfg: GPTQConfig) -> dict:
             h_sum, n, _ = acc[id(m)]
             H = 2 * h_sum / max(n, 1)
             w = m.weight.data
-            rtn = quant.fake_quant_weight(w.float(), m.w_bits, m.group_size, m.w_symmetric)
+            rtn = quant.fake_quant_weight(w.float(), m.w_bits, m.group_size, m.w_symmetric,
+                                          *quant.weight_qparams(w, m.w_bits, m.group_size, m.w_symmetric,
+                                                                w_clip=m.w_clip))
             q, scale, zero_point = gptq_quantize_weight(w, H, m.w_bits, m.group_size, m.w_symmetric,
-                                                        cfg.percdamp, cfg.block_size, cfg.act_order)
+                                                        cfg.percdamp, cfg.block_size, cfg.act_order, m.w_clip)
             stats[k] = dict(loss_rtn=hessian_error(w, rtn, H), loss=hessian_error(w, q, H))
             m.weight.data = q.to(w.dtype)
             m.w_scale, m.w_zero_point = scale, zero_point

@@ -115,6 +115,17 @@ def test_gptq_lowers_layer_objective_vs_rtn(group_size, act_order):
     assert torch.allclose(quant.fake_quant_weight(q, 3, group_size, True, scale, zero_point), q, atol=1e-6)
 
 
+def test_gptq_with_mse_ranges_stays_on_its_grid():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 48, generator=g)
+    x = torch.randn(200, 48, generator=g)
+    h = 2 * x.T @ x / x.shape[0]
+    q, scale, zero_point = gptq_quantize_weight(w, h, 3, 16, True, w_clip="mse")
+    assert torch.allclose(quant.fake_quant_weight(q, 3, 16, True, scale, zero_point), q, atol=1e-6)
+    rtn = quant.fake_quant_weight(w, 3, 16, True, *quant.weight_qparams(w, 3, 16, True, w_clip="mse"))
+    assert hessian_error(w, q, h) < hessian_error(w, rtn, h)          # still lower than RTN on the same ranges
+
+
 def test_awq_clip_search_never_worse_than_no_clip():
     lin, ql, xs = _toy_layer(QuantConfig(w_bits=3, a_bits=16, group_size=16))
     x = torch.cat([t.reshape(-1, 48) for t in xs])

@@ -115,6 +115,18 @@ def test_learned_rounding_starts_at_rtn_and_freezes():
     assert torch.equal(ql.weight, w_hard) and torch.equal(ql(x), y)
 
 
+def test_w_clip_mse_sets_the_searched_ranges_and_an_explicit_ratio_overrides_it():
+    lin = nn.Linear(32, 8)
+    ql = QuantLinear.from_linear(lin, QuantConfig(3, 16, w_clip="mse"))
+    ref = quant.weight_qparams(lin.weight.detach(), 3, 0, True, w_clip="mse")[0]
+    assert ql.w_clip == "mse" and torch.equal(ql.w_scale, ref)
+    assert (ql.w_scale <= QuantLinear.from_linear(lin, QuantConfig(3, 16)).w_scale).all()
+    ql.reset_weight_qparams(clip_ratio=0.5)                      # a method's own search (AWQ) wins over the rule
+    assert torch.allclose(ql.w_scale, quant.weight_qparams(lin.weight.detach(), 3, 0, True, 0.5)[0])
+    with pytest.raises(QVLMError, match="w_clip"):
+        QuantConfig(w_clip="max")
+
+
 def test_nf4_weight_format():
     lin, ql = _layer(64, 8, w_bits=4, a_bits=16, weight_format="nf4")
     x = _x(64)
@@ -183,7 +195,8 @@ def _logits(model, processor):
 
 
 @pytest.mark.parametrize("qcfg", [QuantConfig(4, 8, group_size=16, w_symmetric=False),
-                                  QuantConfig(8, 8, a_granularity="tensor", scope="vision,llm")])
+                                  QuantConfig(8, 8, a_granularity="tensor", scope="vision,llm"),
+                                  QuantConfig(4, 8, w_clip="mse")])
 def test_save_load_round_trip_self_contained(tmp_path, qcfg):
 
     model, processor = _small()

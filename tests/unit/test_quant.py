@@ -202,3 +202,27 @@ def test_inference_fast_path_equals_the_reference(bits, dtype):
         x[1, 2] = float("nan")
         with pytest.raises(AssertionError, match="NaN"):
             quant.fake_quant_act(x, bits)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [0, 16])
+def test_mse_clip_never_worse_than_minmax(group_size, symmetric):
+    """w_clip 'mse': each group's searched ratio lies in [1 - MSE_MAX_SHRINK, 1], includes 1 (min/max), and so its
+    |error|^MSE_NORM per group is never above min/max's; on heavy-tailed rows it shrinks the range."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g) * torch.distributions.StudentT(2.0).sample((32, 64))
+    ratio = quant.mse_clip_ratio(w, 3, group_size, symmetric)
+    assert ratio.shape == quant.weight_qparams(w, 3, group_size, symmetric)[0].shape
+    assert ((ratio > 1 - quant.MSE_MAX_SHRINK) & (ratio <= 1)).all() and (ratio < 1).any()
+
+    def err(w_clip):
+        s, z = quant.weight_qparams(w, 3, group_size, symmetric, w_clip=w_clip)
+        d = quant.fake_quant_weight(w, 3, group_size, symmetric, s, z) - w
+        return d.reshape(32, -1, group_size or 64).abs().pow(quant.MSE_NORM).sum(-1)
+
+    assert (err("mse") <= err("minmax") + 1e-5).all() and err("mse").sum() < err("minmax").sum()
+
+
+def test_w_clip_is_checked():
+    with pytest.raises(QVLMError, match="w_clip"):
+        quant.weight_qparams(torch.randn(4, 8), 4, w_clip="percentile")
