@@ -43,7 +43,7 @@ from .deploy.export import export_compressed_tensors, load_export
 from .deploy.fuse import fuse_shared_inputs, shared_input_groups
 from .deploy.pack import deploy as pack_model
 from .deploy.pack import pack_layer
-from .deploy.verify import LOCAL_ROWS, integer_accumulator, layerwise_check
+from .deploy.verify import LOCAL_ROWS, integer_accumulator, twin_check
 from .errors import QVLMError
 from .evaluate import evaluate, predict
 from .models import llava
@@ -80,10 +80,11 @@ def check_knobs(method_names: list[str], knobs: dict | None) -> None:
                         f"the options are: {', '.join(sorted(known))}")
 
 
-def _record_layers(qmodel: nn.Module) -> tuple[list, dict]:
-    """Forward hooks keeping LOCAL_ROWS rows of every QuantLinear's (input, output), first call only."""
+def _record_layers(model: nn.Module, names) -> tuple[list, dict]:
+    """Forward hooks keeping LOCAL_ROWS rows of the named layers' (input, output), first call only."""
     local, hooks = {}, []
-    for name, m in quant_linears(qmodel):
+    for name in names:
+        m = model.get_submodule(name)
         def hook(mod, a, y, name=name):
             if name not in local:
                 x2 = a[0].detach().reshape(-1, a[0].shape[-1])[:LOCAL_ROWS].clone()
@@ -139,10 +140,7 @@ def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *,
         m, info = methods.quantize(m, processor, method, qcfg, calib, dataset=eval.dataset, progress=progress,
                                    **method_knobs(method, knobs))
     fields = methods.get(method).row_fields
-    hooks, local = _record_layers(m) if deploy else ([], {})
     preds = predict(m, processor, samples, eval.batch_size, progress=progress)
-    for h in hooks:
-        h.remove()
     res = evaluate(m, processor, samples, predictions=preds)
     row = dict(model=model_name, method=method, setting=qcfg.setting, transform=transform, seed=seed,
                accuracy=res["accuracy"], n_eval=res["n"],
@@ -154,16 +152,20 @@ def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *,
                                               quant_config=info["quant_config"]),
                **(fields(info["blocks"]) if fields else {}))
     if deploy:
+        twins = dict(quant_linears(m))                    # the fake-quant layers: references of the layer-local check
         pack_model(m)
+        hooks, local = _record_layers(m, twins)
         packed = []
         run = lambda: packed.extend(predict(m, processor, samples, eval.batch_size, progress=progress))  # noqa: E731
         if fused:
             groups = shared_input_groups(m, run)          # the fused check's groups, traced on the packed pass
         else:
             run()
+        for h in hooks:
+            h.remove()
         row["info"]["predictions"] = dict(fake=preds, packed=packed)
         row.update(scheme=scheme(m)["name"], packed_acc=agreement(packed, [s["answer"] for s in samples]),
-                   agreement=agreement(preds, packed), layer_max_rel_err=layerwise_check(m, local)["max_rel_err"])
+                   agreement=agreement(preds, packed), layer_max_rel_err=twin_check(m, twins, local)["max_rel_err"])
         if fused:
             row.update(fused_check(m, processor, samples[:eval.batch_size], packed, groups))
     if keep_model:

@@ -329,11 +329,12 @@ class QuantLinear(nn.Linear):
                                        self.w_scale, self.w_zero_point)
 
     # ------------------------------------------------------------------------------------------ activations
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_input(self, x: torch.Tensor, rotate=None) -> torch.Tensor:
         """The tensor the weight multiplies before quantization: x rotated online (input_transform), then divided
         by the smoothing input_scale. Methods that collect a layer's inputs (GPTQ's Hessian, AWQ's clip search)
-        apply this to what a forward pre-hook sees."""
-        x = rotate_input(x, self.input_transform)
+        apply this to what a forward pre-hook sees. `rotate` replaces the torch rotation (the layer-local check of
+        a packed model passes the packed layer's own, whose fp32 sums run in another order)."""
+        x = rotate(x) if rotate is not None and self.input_transform else rotate_input(x, self.input_transform)
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)         # smoothing; the weight was multiplied by input_scale
         return x
@@ -350,8 +351,8 @@ class QuantLinear(nn.Linear):
         return self.act.needs_calibration
 
     # ---------------------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quant_input(self.prepare_input(x)), self.quant_weight(), self.bias)
+    def forward(self, x: torch.Tensor, rotate=None) -> torch.Tensor:
+        return F.linear(self.quant_input(self.prepare_input(x, rotate)), self.quant_weight(), self.bias)
 
     @torch.no_grad()
     def freeze(self) -> None:

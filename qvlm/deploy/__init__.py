@@ -18,4 +18,4 @@ from .fuse import fuse_shared_inputs, is_fused  # noqa: F401
 from .export import check_exportable, export_compressed_tensors, load_export  # noqa: F401
 from .memory import formula_bytes, linear_bytes, memory_report, memory_table, reference_model  # noqa: F401
 from .pack import backend, check_deployable, deploy, pack_layer  # noqa: F401
-from .verify import integer_accumulator, kernel_checks, layer_rtol, layerwise_check  # noqa: F401
+from .verify import integer_accumulator, kernel_checks, layer_rtol, layerwise_check, twin_check  # noqa: F401

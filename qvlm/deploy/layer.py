@@ -114,6 +114,13 @@ class DeployedLinear(PackedLinear):
         q = quant.quantize(x2, scale, zp, self.a_bits, symmetric=True).to(torch.int8)      # (M, K)
         return q, scale.float().reshape(-1, 1).expand(x2.shape[0], 1).contiguous()         # (M, 1)
 
+    def rotate(self, x2: torch.Tensor) -> torch.Tensor:
+        """The online Hadamard of (M, K) inputs as forward applies it: the Triton FWHT where it launches and handles
+        the size, else qvlm.core.hadamard.fwht (equal up to fp32 summation order, kernels/hadamard.py)."""
+        base = kernel_base(self.in_features, x2.device)
+        launch = can_launch(x2) and _KERNELS["on"]
+        return hadamard(x2, base) if launch and hadamard_supported(self.in_features, base) else fwht(x2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """PackedLinear.forward's dispatch, plus input_scale, the torch activation quantizers and, in the
         interpreter, big tiles (INTERPRETER_BLOCK): the same kernels, same integers."""
@@ -122,8 +129,7 @@ class DeployedLinear(PackedLinear):
         launch = can_launch(x2) and _KERNELS["on"]
         block = INTERPRETER_BLOCK if launch and not x2.is_cuda else None        # None: autotune on CUDA
         if self.input_transform == "hadamard":                                  # online rotation (weight holds W H)
-            base = kernel_base(self.in_features, x2.device)
-            x2 = hadamard(x2, base) if launch and hadamard_supported(self.in_features, base) else fwht(x2)
+            x2 = self.rotate(x2)
         if self.input_scale is not None:
             x2 = x2 / self.input_scale.to(x2.dtype)              # smoothing (weight holds W * input_scale)
         zp = None if self.symmetric else self.zero_point

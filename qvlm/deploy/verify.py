@@ -141,16 +141,32 @@ def layer_rtol(dtype) -> float:
 LOCAL_ROWS = 64     # rows (tokens) of each layer's input kept for the layer-local check: bounded memory at 7B/13B
 
 
+def _worst(outputs) -> dict:
+    """outputs: (name, y_packed, y_fake) per layer -> the largest max |y_packed - y_fake| / max |y_fake|."""
+    worst, worst_name, n = 0.0, "", 0
+    for name, got, want in outputs:
+        err = float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-12))
+        n += 1
+        if err >= worst:
+            worst, worst_name = err, name
+    return dict(n_layers=n, max_rel_err=worst, worst_layer=worst_name)
+
+
+@torch.no_grad()
 def layerwise_check(packed_model: nn.Module, local: dict) -> dict:
-    """Every packed layer fed the exact input its fake-quant twin saw: max |y_packed - y_fake| / max |y_fake| over
-    layers. This is the deterministic contract (same codes, same integers, fp roundoff only). End-to-end
-    predictions are NOT bit-identical: a ~1e-6 roundoff difference can move a value across a 4-bit rounding
-    boundary in a later layer, and that one-step flip propagates (see notebook 06, section 3)."""
-    worst, worst_name = 0.0, ""
-    with torch.no_grad():
-        for name, (x, y) in local.items():
-            got = packed_model.get_submodule(name)(x)
-            err = float((got.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-12))
-            if err >= worst:
-                worst, worst_name = err, name
-    return dict(n_layers=len(local), max_rel_err=worst, worst_layer=worst_name)
+    """Every packed layer fed the exact input its fake-quant twin saw (`local`: name -> (x, y_fake)): max |y_packed -
+    y_fake| / max |y_fake| over layers. This is the deterministic contract (same codes, same integers, fp roundoff
+    only). End-to-end predictions are NOT bit-identical: a ~1e-6 roundoff difference can move a value across a 4-bit
+    rounding boundary in a later layer, and that one-step flip propagates (see notebook 06, section 3)."""
+    return _worst((name, packed_model.get_submodule(name)(x), y) for name, (x, y) in local.items())
+
+
+@torch.no_grad()
+def twin_check(packed_model: nn.Module, twins: dict, local: dict) -> dict:
+    """The same contract read off the packed model's own pass (`local`: name -> (x, y_packed) recorded there): each
+    fake-quant twin (the QuantLinear the layer was packed from, `twins`: name -> module) is fed that x in torch,
+    rotated online by the packed layer's own FWHT where it has one (the Triton FWHT and the torch one differ in fp32
+    summation order, which can move one activation code across a 4-bit rounding boundary: not the contract).
+    No second pass through the kernels -- in the CPU interpreter every launch costs ~40 ms, whatever its size."""
+    return _worst((name, y, twins[name](x, rotate=getattr(packed_model.get_submodule(name), "rotate", None)))
+                  for name, (x, y) in local.items())

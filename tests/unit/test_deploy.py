@@ -293,6 +293,31 @@ def test_layerwise_check_catches_a_wrong_layer(batch):
     assert bad["max_rel_err"] > deploy.layer_rtol(torch.float32) and bad["worst_layer"] == name
 
 
+def test_twin_check_on_the_packed_pass_catches_a_wrong_layer(batch):
+    """run_one's layer-local check: the packed pass's own (input, output) rows against the fake-quant twins."""
+    model, _ = _quantized(4, 4)
+    twins = dict(quant_linears(model))
+    deploy.deploy(model)
+    io = {n: (x.reshape(-1, x.shape[-1])[:8], y.reshape(-1, y.shape[-1])[:8]) for n, (x, y) in
+          _record_io_of(model, batch, twins).items()}
+    assert deploy.twin_check(model, twins, io)["max_rel_err"] <= deploy.layer_rtol(torch.float32)
+    name = next(iter(io))
+    twins[name].weight.data.mul_(1.01)                        # (frozen: weight holds the grid) twin != packed
+    bad = deploy.twin_check(model, twins, io)
+    assert bad["max_rel_err"] > deploy.layer_rtol(torch.float32) and bad["worst_layer"] == name
+
+
+def _record_io_of(model, b, names):
+    io, hooks = {}, []
+    for name in names:
+        hooks.append(model.get_submodule(name).register_forward_hook(
+            lambda mod, a, y, name=name: io.__setitem__(name, (a[0], y))))
+    _logits(model, b)
+    for h in hooks:
+        h.remove()
+    return io
+
+
 def test_rotated_model_deploys_with_the_online_hadamard(tmp_path):
     """QuaRot's online Hadamard on down_proj survives deployment: the packed layers rotate their input (the Triton
     FWHT kernel in the interpreter), the layer-local contract holds, predictions agree, and the packed checkpoint
