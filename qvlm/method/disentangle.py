@@ -196,14 +196,25 @@ def veo_terms(model: nn.Module, batch: dict, teacher: dict, taps: LLMInputs, gam
     l_ar = -logp.gather(1, teacher["token"][:, None]).mean()
     kl = (teacher["logp"].exp() * (teacher["logp"] - logp)).sum(-1).mean()
     img_id = image_token_id(model)
-    h = {}
+    h, crest = {}, {}
     for key, x in taps.x.items():
         valid, image = (m.reshape(-1) for m in token_masks(batch, x, img_id, "llm"))
         rows = valid & image if cfg.tokens == "image" else valid
         if rows.any():
-            h[key] = surrogate_entropy(x.reshape(-1, x.shape[-1])[rows], qcfg, bits, cfg.kernel, cfg.tau)
+            xr = x.reshape(-1, x.shape[-1])[rows]
+            h[key] = surrogate_entropy(xr, qcfg, bits, cfg.kernel, cfg.tau)
+            crest[key] = log_crest(xr.detach())
     entropy = sum((gamma[k] * h[k] for k in h), torch.zeros(()))
-    return dict(l_ar=l_ar, kl=kl, entropy=entropy)
+    return dict(l_ar=l_ar, kl=kl, entropy=entropy, crest=sum((gamma[k] * crest[k] for k in crest), torch.zeros(())))
+
+
+def log_crest(x: torch.Tensor) -> torch.Tensor:
+    """Mean over rows (tokens) of log(absmax / rms): how peaked each token is. A per-token quantizer's step is
+    absmax / qmax, so its code entropy is about log(rms / step) + const = log qmax - log_crest + const: entropy can
+    fall by making tokens MORE peaked (coarser steps for the bulk), which is the opposite of what helps quantization.
+    VEO reports it (crest_before / crest_after) so a lower entropy can be told apart from a more peaked input."""
+    x = x.float()
+    return (x.abs().amax(-1) / x.pow(2).mean(-1).sqrt().clamp_min(1e-12)).log().mean()
 
 
 def jacobian_gammas(model: nn.Module, batches: list[dict], teachers: list[dict], taps: LLMInputs) -> dict[str, float]:
@@ -238,7 +249,7 @@ class VEOResult:
     config: dict
     params: dict                                  # {name: tensor} trained vision-tower parameters
     gamma: dict                                   # {LLM unit key: gamma_k}
-    before: dict = field(default_factory=dict)    # mean l_ar / kl / entropy (surrogate) over calibration batches
+    before: dict = field(default_factory=dict)    # mean l_ar / kl / entropy (surrogate) / crest over calib. batches
     after: dict = field(default_factory=dict)
     history: list = field(default_factory=list)   # per step, on that step's batch, before the update
     grad_norms: dict = field(default_factory=dict)  # ||grad L_AR||, ||grad H|| at the first step; eta_effective

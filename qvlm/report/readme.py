@@ -7,6 +7,7 @@ Sources (each written by a command; nothing here is typed in by hand):
                                                      committed, so the README regenerates from a fresh clone)
     results/NN_name/full/metrics.json, results/seconds.json   this machine's last full runs (where nothing is published)
     results/published/bench/*/accuracy.md            python -m bench.accuracy --out results/published/bench/NAME
+    results/published/bench/*/veo.md                 python -m bench.veo --out results/published/bench/NAME
     tests/reference/smoke_seconds.json               make update-reference (each notebook's smoke run, timed)
 The block between `<!-- results:start -->` and `<!-- results:end -->` in README.md is replaced (atomically).
 """
@@ -146,10 +147,11 @@ def runtime_section() -> list[str]:
 
 
 def bench_section() -> list[str]:
-    """Every committed bench table (results/published/bench/NAME/accuracy.md: each names its own command)."""
+    """Every committed bench table (results/published/bench/NAME/{accuracy,veo}.md: each names its own command)."""
     out = []
-    for path in sorted((PUBLISHED / "bench").glob("*/accuracy.md")):
-        out += [f"### `python -m bench.accuracy` ({path.relative_to(REPO_ROOT)})", "", path.read_text().strip(), ""]
+    for kind in ("accuracy", "veo"):
+        for path in sorted((PUBLISHED / "bench").glob(f"*/{kind}.md")):
+            out += [f"### `python -m bench.{kind}` ({path.relative_to(REPO_ROOT)})", "", path.read_text().strip(), ""]
     return out
 
 

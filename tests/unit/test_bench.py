@@ -2,7 +2,7 @@
 non-overlapping intervals, and bad input is one line with exit status 2."""
 import json
 
-from bench import accuracy
+from bench import accuracy, veo
 
 
 def test_bench_table_names_its_command_and_orders_by_intervals(tmp_path, capsys):
@@ -23,3 +23,25 @@ def test_bench_bad_method_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope" in err
     assert not (tmp_path / "accuracy.md").exists()
+
+
+def test_veo_sweep_picks_on_the_guard_then_entropy_and_errors_are_one_line(tmp_path, capsys):
+    row = lambda eta, lr, seed, change, reverted: dict(                  # noqa: E731
+        eta=eta, lr=lr, seed=seed, H_before=2.0, H_after=2.0 * (1 + change), H_change=change, crest_before=1.0,
+        crest_after=1.1, kl_after=0.1, fp_val_before=0.8, fp_val_after=0.7 if reverted else 0.8, reverted=reverted,
+        cpu_s=1.0)
+    res = dict(rows=[row(1, 1e-3, s, -0.10, s == 1) for s in range(3)] + [row(3, 1e-4, s, -0.02, False)
+                                                                             for s in range(3)])
+    table = veo.settings_table(res)
+    assert [t["n_reverted"] for t in table] == [1, 0]
+    best = veo.pick(table)                                  # the larger drop is reverted once: not usable
+    assert (best["eta"], best["lr"]) == (3, 1e-4) and abs(best["H_change"][0] + 2.0) < 1e-9
+    assert veo.pick([t for t in table if t["n_reverted"]]) is None
+    assert veo.main(["--model", "tiny", "--etas", "one", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--etas" in err and not (tmp_path / "veo.md").exists()
+
+
+def test_veo_resume_needs_an_earlier_sweep(tmp_path, capsys):
+    assert veo.main(["--model", "tiny", "--resume", "--out", str(tmp_path)]) == 2
+    assert "--resume" in capsys.readouterr().err and not (tmp_path / "veo.md").exists()

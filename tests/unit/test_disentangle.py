@@ -92,3 +92,15 @@ def test_train_split_only(calib):
     test_samples = data.load_split("tiny", "test", limit=2)
     with pytest.raises(QVLMError):
         V.run_disentangle(model, processor, test_samples, V.VEOConfig(iters=1))
+
+
+def test_more_peaked_tokens_have_lower_code_entropy():
+    """The mechanism bench.veo reports: scaling one channel of every token up raises log_crest and LOWERS the
+    per-token quantizer's code entropy (coarser steps for the bulk) -- a lower entropy is not a better input."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    peaked = x.clone()
+    peaked[:, 0] *= 8
+    assert V.log_crest(peaked) > V.log_crest(x) + 0.3
+    h = lambda t: E.entropy(E.level_counts(E.codes(t, 4), 4))            # noqa: E731
+    assert h(peaked) < h(x) - 0.3
