@@ -87,7 +87,7 @@ def settings_table(res: dict) -> list[dict]:
     for key in dict.fromkeys((r["eta"], r["lr"]) for r in res["rows"]):
         rs = [r for r in res["rows"] if (r["eta"], r["lr"]) == key]
         col = lambda f: torch.tensor([f(r) for r in rs], dtype=torch.float64)   # noqa: E731
-        stat = lambda t: (float(t.mean()), float(t.std()) if len(t) > 1 else 0.0)  # noqa: E731
+        stat = lambda t: (float(t.mean()), float(t.std()) if len(t) > 1 else None)  # noqa: E731
         out.append(dict(eta=key[0], lr=key[1], n=len(rs), H_change=stat(col(lambda r: 100 * r["H_change"])),
                         crest_change=stat(col(lambda r: r["crest_after"] - r["crest_before"])),
                         val_change=stat(col(lambda r: 100 * (r["fp_val_after"] - r["fp_val_before"]))),
@@ -111,18 +111,19 @@ def to_markdown(res: dict) -> str:
         f"(seeds {res['seeds']}), eta {res['eta_mode']} to L_AR's gradient; guard: FP accuracy on {res['n_guard']} "
         f"VAL samples may fall by at most {100 * res['guard']:.1f} points, else the run is reverted. torch "
         f"{res['torch']}, {res['threads']} threads.", "",
-        "Mean ± std over seeds: change of the targeted entropy (image positions, %), of the inputs' peakedness "
+        "Mean ± std over seeds (a bare number: one seed): change of the targeted entropy (image positions, %), of the inputs' peakedness "
         "(mean log(absmax/rms) per token; up = more peaked), of FP val accuracy (points); seeds reverted; VEO CPU s",
         "", "| eta | lr | entropy % | log-crest | FP val, points | reverted | CPU s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {t['eta']:g} | {t['lr']:g} | {pm(t['H_change'], 1)} | {pm(t['crest_change'], 1, 3)} | "
-              f"{pm(t['val_change'], 1)} | {t['n_reverted']}/{t['n']} | {t['cpu_s']:.0f} |" for t in table]
+    cell = lambda ms, d=1: f"{ms[0]:.{d}f}" if ms[1] is None else pm(ms, 1, d)      # noqa: E731  (one seed: no std)
+    lines += [f"| {t['eta']:g} | {t['lr']:g} | {cell(t['H_change'])} | {cell(t['crest_change'], 3)} | "
+              f"{cell(t['val_change'])} | {t['n_reverted']}/{t['n']} | {t['cpu_s']:.0f} |" for t in table]
     lines += ["", "Per run: entropy before -> after, FP val before -> after", ""]
     lines += [f"- eta {r['eta']:g}, lr {r['lr']:g}, seed {r['seed']}: H {r['H_before']:.4f} -> {r['H_after']:.4f} "
               f"({100 * r['H_change']:+.1f} %), log-crest {r['crest_before']:.3f} -> {r['crest_after']:.3f}, FP val "
               f"{100 * r['fp_val_before']:.1f} -> {100 * r['fp_val_after']:.1f}, "
               f"{'reverted' if r['reverted'] else 'kept'}" for r in res["rows"]]
     verdict = ("no setting passes the guard in every seed" if best is None else
-               f"picked on val: eta {best['eta']:g}, lr {best['lr']:g} (entropy {pm(best['H_change'], 1)} %)")
+               f"picked on val: eta {best['eta']:g}, lr {best['lr']:g} (entropy {cell(best['H_change'])} %)")
     return "\n".join(lines + ["", f"Choice: {verdict}.", ""])
 
 
@@ -154,8 +155,9 @@ def main(argv=None) -> int:
     except QVLMError as e:
         print(f"bench.veo: error: {e}", file=sys.stderr)
         return 2
-    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--resume"]   # a fresh run: same rows
-    res["command"] = "python -m bench.veo " + shlex.join(given)
+    res["command"] = "python -m bench.veo " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.resume:                                      # the rows kept came from the earlier command(s)
+        res["command"] = json.loads(prev.read_text()).get("command", "?") + " && " + res["command"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(res)

@@ -37,6 +37,11 @@ def test_veo_sweep_picks_on_the_guard_then_entropy_and_errors_are_one_line(tmp_p
     best = veo.pick(table)                                  # the larger drop is reverted once: not usable
     assert (best["eta"], best["lr"]) == (3, 1e-4) and abs(best["H_change"][0] + 2.0) < 1e-9
     assert veo.pick([t for t in table if t["n_reverted"]]) is None
+    head = dict(model="tiny", setting="W4A4", encoder_params="layernorm", veo_iters=2, n_calib=4, seeds=[0, 1, 2],
+                eta_mode="relative", n_guard=8, guard=0.003, torch="x", threads=1)
+    md = veo.to_markdown(dict(head, rows=res["rows"] + [row(10, 1e-4, 0, -0.05, False)]))
+    assert "| 3 | 0.0001 | -2.0 ± 0.0 |" in md and "| 10 | 0.0001 | -5.0 |" in md      # one seed: no std shown
+    assert "picked on val: eta 10, lr 0.0001 (entropy -5.0 %)" in md
     assert veo.main(["--model", "tiny", "--etas", "one", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--etas" in err and not (tmp_path / "veo.md").exists()
