@@ -3,6 +3,10 @@
     python -m bench.accuracy                                   # smol, every method, the CPU preset
     python -m bench.accuracy --model tiny --methods rtn,brecq,qvlm --settings W4A4 --seeds 0,1,2
     python -m bench.accuracy --preset gpu                      # paper-scale settings (needs a GPU to be quick)
+    python -m bench.accuracy --methods qvlm+rotate --settings W4A4 --veo-anchor kl --veo-lr 3e-4
+
+Every option of the chosen methods is a flag generated from their config dataclasses (as in `qvlm run`); a flag
+given overrides the preset's `iters` / `budget` too.
 
 The one experiment runner (qvlm.experiments.grid) quantizes a fresh FP copy per (method, setting, seed), calibrating
 on the TRAIN split and evaluating on the test split; the learned methods share one search machinery and, by
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from qvlm import experiments, loading, methods
+from qvlm import cli, experiments, loading, methods
 from qvlm.config import MODES, PRESET_NAMES, parse_settings, resolve
 from qvlm.errors import QVLMError
 from qvlm.evaluate import chance_accuracy, majority_accuracy
@@ -33,10 +37,11 @@ SETTINGS = "W8A8,W6A6,W4A4,W4A16"          # the paper's settings (W6A6 / W4A4) 
 
 def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS, seeds=None, mode="full",
         preset="cpu", budget="auto", n_eval=-1, transform="none", device="cpu", progress=True, scope="",
-        w_clip="") -> dict:
+        w_clip="", knobs: dict | None = None) -> dict:
     """Quantize + evaluate every (method, setting, seed); returns the JSON-able results. `scope`: a comma-separated
     subset of vision,projector,llm to quantize (the rest stays FP: which part loses the accuracy); "" = all.
-    `w_clip`: how every method's weight ranges are chosen (QuantConfig.w_clip); "" = the QuantConfig default."""
+    `w_clip`: how every method's weight ranges are chosen (QuantConfig.w_clip); "" = the QuantConfig default.
+    `knobs`: method options on top of the preset's (qvlm.experiments.grid hands each method its own)."""
     cfg = resolve(mode, preset=preset, model=model_name, dataset=dataset, n_eval=n_eval, notebook="bench")
     names = [experiments.variant(n)["label"] for n in (method_names or experiments.table_methods())]
     fields = dict(scope=scope, w_clip=w_clip)
@@ -46,7 +51,9 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS,
     n_layers = len(llava.blocks(model))
     total = cfg.iters * n_layers if budget == "auto" else int(budget)
     known = {k for n in names for k in methods.get(experiments.variant(n)["method"]).knob_names()}
+    given = dict(knobs or {})
     knobs = {k: v for k, v in dict(iters=cfg.iters, budget=total).items() if k in known}   # preset knobs, not typed
+    knobs.update(given)
     ev = cfg.eval()
     fp = experiments.fp_row(model, processor, ev, model_name)
     samples = experiments.eval_samples(ev)
@@ -59,9 +66,13 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS,
                 settings=[s.setting for s in qcfgs], scope=",".join(qcfgs[0].scope), w_clip=qcfgs[0].w_clip,
                 seeds=list(seeds), mode=mode, preset=preset,
                 calib=dict(n_calib=cfg.n_calib, batch_size=cfg.batch_size), iters=cfg.iters, budget=total,
-                transform=transform, device=device, torch=torch.__version__, threads=torch.get_num_threads(),
+                transform=transform, knobs=given, device=device, torch=torch.__version__, threads=torch.get_num_threads(),
                 machine=platform.processor() or platform.machine(), summary=summary,
                 rows=[{k: v for k, v in r.items() if k not in ("info",)} for r in rows])
+
+
+def _knob_text(knobs: dict | None) -> str:
+    return "; method options " + ", ".join(f"{k}={v}" for k, v in sorted(knobs.items())) if knobs else ""
 
 
 def _pct(x: float) -> str:
@@ -90,7 +101,7 @@ def to_markdown(res: dict) -> str:
              f"seeds {res['seeds']}; learned searches: {res['budget'] or str(res['iters']) + ' steps per block'}"
              f"{' steps in total' if res['budget'] else ''} ({res['mode']} mode, {res['preset']} preset); quantized: "
              f"{res.get('scope', 'vision,projector,llm')}; weight ranges {res.get('w_clip', 'minmax')}; transform "
-             f"{res['transform']}; {res['device']}, torch {res['torch']}, {res['threads']} threads. FP accuracy "
+             f"{res['transform']}{_knob_text(res.get('knobs'))}; {res['device']}, torch {res['torch']}, {res['threads']} threads. FP accuracy "
              f"{100 * res['fp_accuracy']:.1f} %. Floors: uniform guessing {100 * res['chance_accuracy']:.1f} %, always "
              f"answering the most often correct position {100 * res['majority_accuracy']:.1f} %; a cell at or below "
              f"them ranks nothing.", "", "Accuracy %, mean ± std over seeds (change of the mean vs FP, points)", "",
@@ -119,6 +130,7 @@ def to_markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smol")
     p.add_argument("--dataset", default="tiny")
@@ -138,17 +150,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS_DIR / "bench"), help="directory for accuracy.md / accuracy.json "
                                                                      "(results/published/bench/NAME: committed, in the README)")
     p.add_argument("--no-progress", action="store_true")
+    chosen = [n.split("+")[0] for n in (cli.selected_methods(argv) or experiments.table_methods())]
+    cli.add_method_knobs(p, [n for n in dict.fromkeys(chosen) if n in methods.METHODS] or ["rtn"], skip=("budget",))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         res = run(args.model, args.dataset, [n for n in args.methods.split(",") if n], args.settings,
                   [int(s) for s in args.seeds.split(",") if s.strip()] or None, args.mode, args.preset, args.budget,
-                  args.limit, args.transform, args.device, not args.no_progress, args.scope, args.w_clip)
+                  args.limit, args.transform, args.device, not args.no_progress, args.scope, args.w_clip,
+                  cli.knobs_from_args(args))
     except QVLMError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
-    res["command"] = " ".join(["python -m bench.accuracy", *(sys.argv[1:] if argv is None else argv)])
+    res["command"] = " ".join(["python -m bench.accuracy", *argv])
     md = to_markdown(res)
     print(md)
     out = Path(args.out)

@@ -44,15 +44,17 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def add_method_knobs(p: argparse.ArgumentParser, names: list[str]) -> None:
+def add_method_knobs(p: argparse.ArgumentParser, names: list[str], skip: tuple = ()) -> None:
     """One `--<knob>` flag per config field of the methods `names` (generated from their dataclasses); values land
-    in `args.knobs` only when given (unset flags keep each method's documented default)."""
+    in `args.knobs` only when given (unset flags keep each method's documented default). `skip`: knobs the caller
+    offers as its own flags."""
     seen = {}
     for name in names:
         m = methods.get(name)
         helps = m.knob_help()
         for f in dataclasses.fields(m.config):
-            seen.setdefault(f.name, (f, helps.get(f.name, f.name), []))[2].append(name)
+            if f.name not in skip:
+                seen.setdefault(f.name, (f, helps.get(f.name, f.name), []))[2].append(name)
     g = p.add_argument_group("method options (from each method's config dataclass)")
     for knob, (f, text, owners) in sorted(seen.items()):
         typ = _bool if str(f.type) == "bool" else _TYPES.get(str(f.type), str)
@@ -184,7 +186,7 @@ def _run(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ parser
-def _selected_methods(argv: list[str]) -> list[str]:
+def selected_methods(argv: list[str]) -> list[str]:
     """The methods a command line names (--method X / --methods a,b), read before the full parse so that only
     their knobs become flags."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -205,7 +207,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--split", default=EvalConfig().split, choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, default=EvalConfig().n_eval, help="first N samples only (0 = all)")
     p.set_defaults(func=_eval)
-    chosen = [n.split("+")[0] for n in _selected_methods(argv) if n.split("+")[0] in methods.METHODS]  # qvlm+rotate
+    chosen = [n.split("+")[0] for n in selected_methods(argv) if n.split("+")[0] in methods.METHODS]  # qvlm+rotate
     p = sub.add_parser("quantize", help="quantize a model with a method, evaluate on test, save it")
     add_common(p)
     add_quant(p)

@@ -322,10 +322,11 @@ def export_row(model: nn.Module, processor, method: str, setting, out_dir, seed:
 
 
 def transformed(model: nn.Module, processor, name: str, calib: CalibConfig | None = None,
-                qcfg: QuantConfig | None = None) -> tuple[nn.Module, dict]:
-    """(a copy of the FP model with transform `name` applied, its record); the FP model is not modified."""
+                qcfg: QuantConfig | None = None, dataset: str = EvalConfig.dataset) -> tuple[nn.Module, dict]:
+    """(a copy of the FP model with transform `name` applied, its record); the FP model is not modified. The same
+    copy a run_one with this transform, calibration seed and dataset quantizes (a rotation is seeded by calib.seed)."""
     m = copy.deepcopy(model)
-    return m, transforms.apply(m, processor, name, calib, qcfg=qcfg)
+    return m, transforms.apply(m, processor, name, calib, dataset=dataset, qcfg=qcfg)
 
 
 def transform_outliers(model: nn.Module, processor, samples: list[dict], names=transforms.TRANSFORMS, *,

@@ -3,7 +3,7 @@ reference of an online rotation).
 
     hadamard_matrix(n)          (n, n) entries +-1, H H^T = n I; n = 2^k, or a product of Paley orders and 2^k
     random_hadamard(n, seed)    H diag(s) / sqrt(n) with random signs s: orthogonal, seeded (QuaRot's rotation)
-    fwht(x)                     x @ H_n / sqrt(n) along the last dim, in O(n log n) for the power-of-two factor
+    fwht(x)                     x @ H_n / sqrt(n) along the last dim, one small matmul per Kronecker factor
     kernel_base(n)              the (m, m) non-power-of-two factor of H_n (None if n = 2^k): what the Triton
                                 kernel `kernels.hadamard` takes beside x (it applies H_n = base (x) H_{n/m})
 
@@ -115,33 +115,39 @@ def random_orthogonal(n: int, seed: int) -> torch.Tensor:
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """x @ hadamard_matrix(n) / sqrt(n) along the last dim (n = x.shape[-1]); the power-of-two factor by butterflies
-    (log2 steps of adds), the Paley factors by a small matmul. Same dtype as x."""
+    """x @ hadamard_matrix(n) / sqrt(n) along the last dim (n = x.shape[-1]): one small matmul per Kronecker factor
+    (H_n = H_a (x) H_b (x) ..., a power of two above FACTOR_MAX cut into balanced Sylvester factors), O(n * sum of
+    factors) per row. On a CPU this beats log2(n) butterfly stages of adds (measured fwd + bwd on 1600 rows, 2 cores:
+    2-3.5x faster for n = 64..384 and 1536, equal for 576). Same dtype as x."""
     n = x.shape[-1]
     fs = factors(n)
     if not fs:
         hadamard_matrix(n)                                  # raises the one-line error
+    fs = _split(fs)
     lead = x.shape[:-1]
     y = x.reshape(-1, *fs)                                  # index (i_1, ..., i_k): row-major = Kronecker order
     for axis, m in enumerate(fs, start=1):
-        if _is_pow2(m):
-            y = _butterflies(y, axis, m)
-        else:
-            y = torch.movedim(torch.movedim(y, axis, -1) @ _base(m).to(y.dtype), -1, axis)
+        y = torch.movedim(torch.movedim(y, axis, -1) @ _factor(m, y.dtype, str(y.device)), -1, axis)
     return (y / math.sqrt(n)).reshape(*lead, n)
 
 
-def _butterflies(y: torch.Tensor, axis: int, m: int) -> torch.Tensor:
-    """Sylvester H_m applied along `axis` of y: log2(m) stages of (a + b, a - b)."""
-    y = torch.movedim(y, axis, -1)
-    shape = y.shape
-    h = 1
-    while h < m:
-        y = y.reshape(*shape[:-1], m // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack([a + b, a - b], dim=-2)
-        h *= 2
-    return torch.movedim(y.reshape(shape), -1, axis)
+FACTOR_MAX = 256                                            # largest Sylvester factor fwht multiplies densely
+
+
+@functools.lru_cache(maxsize=None)
+def _split(fs: tuple[int, ...]) -> tuple[int, ...]:
+    """factors() with a power of two (last) above FACTOR_MAX cut into balanced Sylvester factors (H_{2^k} = H_{2^a}
+    (x) H_{2^(k-a)}, exact since both are Kronecker powers of H_2), recursively."""
+    *rest, last = fs
+    if not _is_pow2(last) or last <= FACTOR_MAX:
+        return fs
+    a = 2 ** ((last.bit_length() - 1 + 1) // 2)
+    return (*rest, *_split((a,)), *_split((last // a,)))
+
+
+@functools.lru_cache(maxsize=None)
+def _factor(m: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return _base(m).to(device=device, dtype=dtype)
 
 
 def rotate_input(x: torch.Tensor, input_transform: str | None) -> torch.Tensor:

@@ -68,6 +68,7 @@ class QVLMConfig(ReconConfig):
     veo: bool = True                     # run VEO (Table 1 "+VEO"); False = the CDM-only ablation
     eta: float = 1.0                     # VEO entropy weight (Fig. 3(b)); relative to L_AR's gradient by default
     eta_mode: str = "relative"           # "relative": eta x ||grad L_AR|| / ||grad H|| | "absolute"
+    veo_anchor: str = "ar"               # what keeps the encoder's function: "ar" L_AR (Eq. 5) | "kl" KL to the FP model
     veo_iters: int = 50                  # VEO Adam steps over the calibration batches
     veo_lr: float = 1e-3                 # VEO learning rate (LayerNorm affine)
     encoder_params: str = "layernorm"    # which vision-tower parameters VEO trains: layernorm | layernorm+last | all
@@ -102,8 +103,8 @@ class QVLMConfig(ReconConfig):
                                      max_depth=self.max_depth, split=self.split, proxy=self.proxy)
 
     def veo_config(self, batch_size: int = 8) -> veo.VEOConfig:
-        return veo.VEOConfig(eta=self.eta, eta_mode=self.eta_mode, iters=self.veo_iters, lr=self.veo_lr,
-                             encoder_params=self.encoder_params, n_last=self.n_last, tokens=self.veo_tokens,
+        return veo.VEOConfig(eta=self.eta, eta_mode=self.eta_mode, anchor=self.veo_anchor, iters=self.veo_iters,
+                             lr=self.veo_lr,                             encoder_params=self.encoder_params, n_last=self.n_last, tokens=self.veo_tokens,
                              guard=self.guard, batch_size=batch_size)
 
 

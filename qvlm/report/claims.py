@@ -116,8 +116,10 @@ def combine(parts: list[tuple[bool | None, str]]) -> tuple[str, str]:
 def _row(key, claim, paper, ours, parts, run: dict | None = None) -> dict:
     verdict, why = combine(parts)
     run = run or {}
+    transform = (run.get("params") or {}).get("TRANSFORM", "none")           # notebooks 03 / 04 run after one
     return dict(key=key, claim=claim, paper=paper, ours=ours, verdict=verdict, why=why,
-                measured_on=f"{run.get('model', '?')}, {run.get('mode', '?')} mode" if run else "–")
+                measured_on=(f"{run.get('model', '?')}, {run.get('mode', '?')} mode"
+                             + (f", after {transform}" if transform != "none" else "")) if run else "–")
 
 
 def _pts(x: float) -> str:

@@ -372,3 +372,26 @@ def before_after(df, x: str, cols: list[str], ylabel: str = "", title: str = "")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def veo_frontier(rows: list[dict], guard: float, title: str = ""):
+    """Each VEO run (bench.veo rows) as a point: change of the targeted entropy (%, x) against the change of FP
+    accuracy on val (points, y), one colour per anchor, labelled eta / lr; the dashed line is the guard (runs below
+    it are reverted). A working VEO would sit left of x = 0 on or above the line."""
+    df = pd.DataFrame(rows).assign(anchor=lambda d: d.get("anchor", "ar"))
+    df = df.assign(x=100 * df["H_change"], y=100 * (df["fp_val_after"] - df["fp_val_before"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    pal = dict(zip(sorted(df["anchor"].unique()), sns.color_palette("tab10")))
+    for anchor, g in df.groupby("anchor", sort=True):
+        ax.scatter(g["x"], g["y"], color=pal[anchor], s=30, alpha=0.85, label=f"anchor {anchor}")
+        for r in g.itertuples():
+            ax.annotate(f"{r.eta:g}/{r.lr:g}", (r.x, r.y), fontsize=6, alpha=0.7, xytext=(3, 2),
+                        textcoords="offset points")
+    ax.axhline(-100 * guard, color="0.4", ls="--", lw=1, label=f"guard (-{100 * guard:.1f} points)")
+    ax.axvline(0, color="0.7", lw=0.8)
+    ax.set_xlabel("targeted entropy H(x_q), change after VEO (%)")
+    ax.set_ylabel("FP accuracy on val, change (points)")
+    ax.set_title(title or "VEO runs: entropy lowered vs FP accuracy kept (labels: eta / lr)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -152,6 +152,9 @@ def bench_section() -> list[str]:
     for kind in ("accuracy", "veo"):
         for path in sorted((PUBLISHED / "bench").glob(f"*/{kind}.md")):
             out += [f"### `python -m bench.{kind}` ({path.relative_to(REPO_ROOT)})", "", path.read_text().strip(), ""]
+            png = path.with_suffix(".png")                 # bench.veo draws its runs beside its table
+            if png.is_file():
+                out += [f"![{path.parent.name}]({png.relative_to(REPO_ROOT)})", ""]
     return out
 
 

@@ -18,6 +18,18 @@ def test_bench_table_names_its_command_and_orders_by_intervals(tmp_path, capsys)
         assert any(f" {v} " in line for v in (">", "<", "tied"))
 
 
+def test_bench_method_options_are_flags_and_reach_the_runs(tmp_path):
+    """Every option of the chosen methods is a generated flag (as in `qvlm run`); given ones reach each run's knobs,
+    override the preset's (iters) and are named in the table's header."""
+    argv = ["--model", "tiny", "--methods", "adaround", "--settings", "W8A8", "--seeds", "0", "--mode", "smoke",
+            "--budget", "0", "--limit", "8", "--iters", "1", "--warmup", "0.5", "--out", str(tmp_path), "--no-progress"]
+    assert accuracy.main(argv) == 0
+    res = json.loads((tmp_path / "accuracy.json").read_text())
+    assert res["knobs"] == {"iters": 1, "warmup": 0.5}
+    assert [(r["knobs"]["iters"], r["knobs"]["warmup"]) for r in res["rows"]] == [(1, 0.5)]
+    assert "method options iters=1, warmup=0.5" in (tmp_path / "accuracy.md").read_text()
+
+
 def test_bench_bad_method_is_one_line(tmp_path, capsys):
     assert accuracy.main(["--model", "tiny", "--methods", "nope", "--out", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
@@ -40,11 +52,16 @@ def test_veo_sweep_picks_on_the_guard_then_entropy_and_errors_are_one_line(tmp_p
     head = dict(model="tiny", setting="W4A4", encoder_params="layernorm", veo_iters=2, n_calib=4, seeds=[0, 1, 2],
                 eta_mode="relative", n_guard=8, guard=0.003, torch="x", threads=1)
     md = veo.to_markdown(dict(head, rows=res["rows"] + [row(10, 1e-4, 0, -0.05, False)]))
-    assert "| 3 | 0.0001 | -2.0 ± 0.0 |" in md and "| 10 | 0.0001 | -5.0 |" in md      # one seed: no std shown
-    assert "picked on val: eta 10, lr 0.0001 (entropy -5.0 %)" in md
-    assert veo.main(["--model", "tiny", "--etas", "one", "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--etas" in err and not (tmp_path / "veo.md").exists()
+    assert "| ar | 3 | 0.0001 | -2.0 ± 0.0 |" in md and "| ar | 10 | 0.0001 | -5.0 |" in md  # one seed: no std
+    assert "picked on val: anchor ar, eta 10, lr 0.0001 (entropy -5.0 %)" in md
+    kl = [dict(row(3, 1e-4, s, -0.06, False), anchor="kl") for s in range(3)]      # same (eta, lr), other anchor
+    table = veo.settings_table(dict(rows=res["rows"] + kl))
+    assert [(t["anchor"], t["eta"], t["n"]) for t in table] == [("ar", 1, 3), ("ar", 3, 3), ("kl", 3, 3)]
+    assert veo.pick(table)["anchor"] == "kl"
+    for bad in (["--etas", "one"], ["--anchors", "ce"], ["--with", str(tmp_path / "nowhere")]):
+        assert veo.main(["--model", "tiny", *bad, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and bad[0] in err and not (tmp_path / "veo.md").exists()
 
 
 def test_veo_resume_needs_an_earlier_sweep(tmp_path, capsys):

@@ -87,6 +87,20 @@ def test_veo_lowers_its_loss_leaves_the_fp_model_alone_and_applies(calib, tmp_pa
         V.check_guard(model, processor, res, data.load_split("tiny", "test", limit=4))
 
 
+def test_kl_anchor_optimises_kl_to_the_fp_model(calib):
+    """anchor "kl": the loss VEO steps on is KL(p_FP || p) + eta H (not L_AR), eta still scaled by L_AR's gradient."""
+    model, processor = tiny.build_random(0)
+    cfg = V.VEOConfig(iters=2, lr=1e-3, eta=1.0, anchor="kl", batch_size=len(calib))
+    res = V.run_disentangle(model, processor, calib, cfg, QuantConfig(a_bits=4))
+    eta = res.grad_norms["eta_effective"]
+    assert eta == pytest.approx(res.grad_norms["l_ar"] / res.grad_norms["entropy"])
+    for h in res.history:
+        assert h["loss"] == pytest.approx(h["kl"] + eta * h["entropy"], rel=1e-5)
+    assert res.history[0]["kl"] == pytest.approx(0.0, abs=1e-6) and res.config["anchor"] == "kl"
+    with pytest.raises(QVLMError, match="anchor"):
+        V.VEOConfig(anchor="ce")
+
+
 def test_train_split_only(calib):
     model, processor = tiny.build_random(0)
     test_samples = data.load_split("tiny", "test", limit=2)

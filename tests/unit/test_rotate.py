@@ -38,7 +38,7 @@ def test_unknown_order_is_a_one_line_error():
         hadamard_matrix(9)
 
 
-@pytest.mark.parametrize("n", [8, 12, 576, 1536])
+@pytest.mark.parametrize("n", [8, 12, 576, 1536, 2048])     # 2048: the power of two cut into 128 x 16
 def test_fwht_equals_the_matrix_product(n):
     x = torch.randn(3, 5, n, dtype=torch.float64)
     assert torch.allclose(fwht(x), x @ hadamard_matrix(n) / n ** 0.5, atol=1e-10)
