@@ -29,6 +29,7 @@ from qvlm.errors import QVLMError
 from qvlm.evaluate import chance_accuracy, majority_accuracy
 from qvlm.models import llava
 from qvlm.paths import RESULTS_DIR
+from qvlm.report.publish import code_hash, git_commit
 from qvlm.report.stats import order, pm, summarize
 from qvlm.utils import atomic_write_json, atomic_write_text
 
@@ -67,8 +68,19 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS,
                 seeds=list(seeds), mode=mode, preset=preset,
                 calib=dict(n_calib=cfg.n_calib, batch_size=cfg.batch_size), iters=cfg.iters, budget=total,
                 transform=transform, knobs=given, device=device, torch=torch.__version__, threads=torch.get_num_threads(),
-                machine=platform.processor() or platform.machine(), summary=summary,
+                machine=platform.processor() or platform.machine(), code=code_version(), summary=summary,
                 rows=[{k: v for k, v in r.items() if k not in ("info",)} for r in rows])
+
+
+def code_version() -> dict:
+    """The code a table was computed with: HEAD and the hash of qvlm/ + kernels/ as run (uncommitted edits included).
+    On smol W4A4 an fp32 summation-order change alone moves a seed by points, so numbers belong to their code."""
+    return dict(git_commit=git_commit(), code_hash=code_hash())
+
+
+def code_line(res: dict) -> str:
+    return (f"Code: commit {res['code']['git_commit'][:10]}, package + kernels hash {res['code']['code_hash'][:12]} "
+            "(qvlm.report.publish.code_hash; equal hash = the same code).")
 
 
 def _knob_text(knobs: dict | None) -> str:
@@ -101,11 +113,13 @@ def to_markdown(res: dict) -> str:
              f"seeds {res['seeds']}; learned searches: {res['budget'] or str(res['iters']) + ' steps per block'}"
              f"{' steps in total' if res['budget'] else ''} ({res['mode']} mode, {res['preset']} preset); quantized: "
              f"{res.get('scope', 'vision,projector,llm')}; weight ranges {res.get('w_clip', 'minmax')}; transform "
-             f"{res['transform']}{_knob_text(res.get('knobs'))}; {res['device']}, torch {res['torch']}, {res['threads']} threads. FP accuracy "
+             f"{res['transform']}{_knob_text(res.get('knobs'))}; {res['device']}, torch {res['torch']}, "
+             f"{res['threads']} threads. FP accuracy "
              f"{100 * res['fp_accuracy']:.1f} %. Floors: uniform guessing {100 * res['chance_accuracy']:.1f} %, always "
              f"answering the most often correct position {100 * res['majority_accuracy']:.1f} %; a cell at or below "
              f"them ranks nothing.", "", "Accuracy %, mean ± std over seeds (change of the mean vs FP, points)", "",
              "| method | " + " | ".join(s) + " |", "|---|" + "---|" * len(s)]
+    lines[-4:-4] = [code_line(res), ""] if res.get("code") else []          # after the set-up paragraph
     lines += [f"| {n} | " + " | ".join(acc(n, st) for st in s) + " |" for n in names]
     lines += ["", "Search CPU seconds (calibration + search, mean over seeds)", "",
               "| method | " + " | ".join(s) + " |", "|---|" + "---|" * len(s)]

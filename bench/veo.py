@@ -2,7 +2,8 @@
 
     python -m bench.veo --model smol --etas 1,3 --lrs 1e-4,3e-4 --seeds 0,1,2 --out results/published/bench/veo-sweep
 
-For every (anchor, eta, lr, seed) -- anchor "ar": the paper's L_AR, "kl": KL to the FP model -- it trains a new vision encoder on the TRAIN calibration samples
+For every (anchor, eta, lr, seed) -- anchor "ar": the paper's L_AR, "kl": KL to the FP model -- it trains a new
+vision encoder on the TRAIN calibration samples
 (qvlm.method.disentangle.run_disentangle; the FP model is untouched), then reports what issue-level targets ask:
 the gamma-weighted hard code entropy of the LLM inputs VEO targets (image positions) before -> after and its relative
 change, the same inputs' peakedness (mean log(absmax / rms) per token, `log_crest`: a per-token quantizer's entropy
@@ -32,6 +33,7 @@ from qvlm.errors import QVLMError
 from qvlm.method import disentangle
 from qvlm.method.pipeline import QVLMConfig
 from qvlm.paths import RESULTS_DIR
+from bench.accuracy import code_line, code_version
 from qvlm.report import plots
 from qvlm.report.publish import compress_png
 from qvlm.report.stats import pm
@@ -91,7 +93,7 @@ def run(model_name="smol", dataset="tiny", setting="W4A4", etas=(1.0,), lrs=(1e-
     return dict(model=model_name, dataset=dataset, setting=qcfg.setting, n_calib=cfg.n_calib, n_guard=len(val),
                 guard=base.guard, veo_iters=base.veo_iters, encoder_params=base.encoder_params, eta_mode=base.eta_mode,
                 seeds=sorted({r["seed"] for r in rows}), mode=mode, preset=preset, torch=torch.__version__,
-                threads=torch.get_num_threads(), rows=sorted(rows, key=lambda r: (r["anchor"], r["eta"], r["lr"], r["seed"])))
+                threads=torch.get_num_threads(), code=code_version(), rows=sorted(rows, key=lambda r: (r["anchor"], r["eta"], r["lr"], r["seed"])))
 
 
 def settings_table(res: dict) -> list[dict]:
@@ -117,6 +119,17 @@ def pick(table: list[dict]) -> dict | None:
     return min(usable, key=lambda t: t["H_change"][0]) if usable else None
 
 
+def frontier_r(rows: list[dict]) -> tuple[int, float] | None:
+    """(n, Pearson r) between the entropy change and the FP val change over runs (None below 3 runs or no spread):
+    how tightly lowering the entropy and losing FP accuracy go together."""
+    if len(rows) < 3:
+        return None
+    t = torch.tensor([[r["H_change"], r["fp_val_after"] - r["fp_val_before"]] for r in rows], dtype=torch.float64)
+    if bool((t.std(0) == 0).any()):
+        return None
+    return len(rows), float(torch.corrcoef(t.T)[0, 1])
+
+
 def to_markdown(res: dict) -> str:
     table = settings_table(res)
     best = pick(table)
@@ -125,7 +138,7 @@ def to_markdown(res: dict) -> str:
         f"{res['encoder_params']} parameters for {res['veo_iters']} steps on {res['n_calib']} TRAIN samples per seed "
         f"(seeds {res['seeds']}), eta {res['eta_mode']} to L_AR's gradient (anchor ar: L_AR + eta H, the paper's Eq. 5; kl: KL to the FP answer distribution + eta H); guard: FP accuracy on {res['n_guard']} "
         f"VAL samples may fall by at most {100 * res['guard']:.1f} points, else the run is reverted. torch "
-        f"{res['torch']}, {res['threads']} threads.", "",
+        f"{res['torch']}, {res['threads']} threads.", "", *([code_line(res), ""] if res.get("code") else []),
         "Mean ± std over seeds (a bare number: one seed): change of the targeted entropy (image positions, %), of the inputs' peakedness "
         "(mean log(absmax/rms) per token; up = more peaked), of FP val accuracy (points); seeds reverted; VEO CPU s",
         "", "| anchor | eta | lr | entropy % | log-crest | FP val, points | reverted | CPU s |",
@@ -141,7 +154,8 @@ def to_markdown(res: dict) -> str:
     verdict = ("no setting passes the guard in every seed" if best is None else
                f"picked on val: anchor {best['anchor']}, eta {best['eta']:g}, lr {best['lr']:g} (entropy {cell(best['H_change'])} %)")
     figure = ("veo.png: every run above" + (f", with the runs of {', '.join(res['figure_with'])} (`--with`)"
-                                            if res.get("figure_with") else "") + ": entropy change against FP val change.")
+                                            if res.get("figure_with") else "") + ": entropy change against FP val change"
+              + (f" (n = {res['figure_r'][0]} runs, Pearson r = {res['figure_r'][1]:.2f})." if res.get("figure_r") else "."))
     return "\n".join(lines + ["", f"Choice: {verdict}.", "", figure, ""])
 
 
@@ -184,15 +198,18 @@ def main(argv=None) -> int:
     res["command"] = "python -m bench.veo " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.resume:                                      # the rows kept came from the earlier command(s)
         earlier = json.loads(prev.read_text())
-        res["command"] = earlier.get("command", "?") + (
-            " && " + res["command"] if len(res["rows"]) > len(earlier["rows"]) else "")   # this one added rows?
+        added = len(res["rows"]) > len(earlier["rows"])
+        res["command"] = earlier.get("command", "?") + (" && " + res["command"] if added else "")
+        if not added:                                    # nothing recomputed: the rows are the earlier code's
+            res["code"] = earlier.get("code")
     res["figure_with"] = [str(o.parent) for o in others]
+    rows = res["rows"] + [r for o in others for r in json.loads(o.read_text())["rows"]]
+    res["figure_r"] = frontier_r(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(res)
     atomic_write_json(out / "veo.json", res)
     atomic_write_text(out / "veo.md", md)
-    rows = res["rows"] + [r for o in others for r in json.loads(o.read_text())["rows"]]
     fig = plots.veo_frontier(rows, res["guard"], f"VEO on {res['model']} {res['setting']}: each run (labels: eta / lr)")
     fig.savefig(out / ".veo.png.tmp", dpi=150, bbox_inches="tight", format="png")
     compress_png(out / ".veo.png.tmp", out / "veo.png")

@@ -13,6 +13,7 @@ def test_bench_table_names_its_command_and_orders_by_intervals(tmp_path, capsys)
     assert md.startswith("`python -m bench.accuracy --model tiny --methods rtn,rtn+fold")
     res = json.loads((tmp_path / "accuracy.json").read_text())
     assert res["seeds"] == [0, 1] and res["n_eval"] == 24 and len(res["rows"]) == 4
+    assert f"Code: commit {res['code']['git_commit'][:10]}" in md and len(res["code"]["code_hash"]) == 64
     for st in ("W4A4",):                       # data-free rows: std 0, so an ordering is > / < unless equal
         line = next(l for l in md.splitlines() if l.startswith(f"- {st}: "))
         assert any(f" {v} " in line for v in (">", "<", "tied"))
@@ -58,6 +59,8 @@ def test_veo_sweep_picks_on_the_guard_then_entropy_and_errors_are_one_line(tmp_p
     table = veo.settings_table(dict(rows=res["rows"] + kl))
     assert [(t["anchor"], t["eta"], t["n"]) for t in table] == [("ar", 1, 3), ("ar", 3, 3), ("kl", 3, 3)]
     assert veo.pick(table)["anchor"] == "kl"
+    n, r = veo.frontier_r(res["rows"] + kl)                 # bigger drops were the reverted (lower FP val) ones
+    assert n == 9 and 0 < r <= 1 and veo.frontier_r(kl) is None        # no FP-val spread: no r
     for bad in (["--etas", "one"], ["--anchors", "ce"], ["--with", str(tmp_path / "nowhere")]):
         assert veo.main(["--model", "tiny", *bad, "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip()
