@@ -60,7 +60,8 @@ def _anchors(text: str) -> list[str]:
 
 def run(model_name="smol", dataset="tiny", setting="W4A4", etas=(1.0,), lrs=(1e-3,), seeds=(0, 1, 2), mode="full",
         preset="cpu", progress=True, done: dict | None = None, anchors=("ar",)) -> dict:
-    """Train one VEO encoder per (anchor, eta, lr, seed) and measure it; returns the JSON-able results. `done`: an earlier
+    """Train one VEO encoder per (anchor, eta, lr, seed) and measure it; returns the JSON-able results. `done`: an
+    earlier
     run's results (same model, setting, mode, preset) whose rows are kept and not recomputed (same seed -> same row)."""
     cfg = resolve(mode, preset=preset, model=model_name, dataset=dataset, notebook="bench")
     qcfg = parse_setting(setting)
@@ -84,7 +85,8 @@ def run(model_name="smol", dataset="tiny", setting="W4A4", etas=(1.0,), lrs=(1e-
         t0 = time.process_time()
         disentangle.check_guard(model, processor, res, val, cfg.batch_size)
         s = disentangle.summary(res)
-        rows.append(dict(anchor=anchor, eta=eta, lr=lr, seed=seed, H_before=s["H_image_before"], H_after=s["H_image_after"],
+        rows.append(dict(anchor=anchor, eta=eta, lr=lr, seed=seed, H_before=s["H_image_before"],
+                         H_after=s["H_image_after"],
                          H_change=s["H_image_after"] / s["H_image_before"] - 1, crest_before=s["crest_before"],
                          crest_after=s["crest_after"], kl_after=s["kl_after"], grad_l_ar=s["grad_l_ar"],
                          grad_entropy=s["grad_entropy"], fp_val_before=s["fp_val_before"],
@@ -93,7 +95,8 @@ def run(model_name="smol", dataset="tiny", setting="W4A4", etas=(1.0,), lrs=(1e-
     return dict(model=model_name, dataset=dataset, setting=qcfg.setting, n_calib=cfg.n_calib, n_guard=len(val),
                 guard=base.guard, veo_iters=base.veo_iters, encoder_params=base.encoder_params, eta_mode=base.eta_mode,
                 seeds=sorted({r["seed"] for r in rows}), mode=mode, preset=preset, torch=torch.__version__,
-                threads=torch.get_num_threads(), code=code_version(), rows=sorted(rows, key=lambda r: (r["anchor"], r["eta"], r["lr"], r["seed"])))
+                threads=torch.get_num_threads(), code=code_version(),
+                rows=sorted(rows, key=lambda r: (r["anchor"], r["eta"], r["lr"], r["seed"])))
 
 
 def settings_table(res: dict) -> list[dict]:
@@ -105,7 +108,8 @@ def settings_table(res: dict) -> list[dict]:
         rs = [r for r in res["rows"] if key_of(r) == key]
         col = lambda f: torch.tensor([f(r) for r in rs], dtype=torch.float64)   # noqa: E731
         stat = lambda t: (float(t.mean()), float(t.std()) if len(t) > 1 else None)  # noqa: E731
-        out.append(dict(anchor=key[0], eta=key[1], lr=key[2], n=len(rs), H_change=stat(col(lambda r: 100 * r["H_change"])),
+        out.append(dict(anchor=key[0], eta=key[1], lr=key[2], n=len(rs),
+                        H_change=stat(col(lambda r: 100 * r["H_change"])),
                         crest_change=stat(col(lambda r: r["crest_after"] - r["crest_before"])),
                         val_change=stat(col(lambda r: 100 * (r["fp_val_after"] - r["fp_val_before"]))),
                         n_reverted=sum(bool(r["reverted"]) for r in rs),
@@ -136,7 +140,8 @@ def to_markdown(res: dict) -> str:
     lines = ([f"`{res['command']}`", ""] if res.get("command") else []) + [
         f"Model `{res['model']}`, {res['setting']} (the entropy of the a_bits codes), VEO trains the vision tower's "
         f"{res['encoder_params']} parameters for {res['veo_iters']} steps on {res['n_calib']} TRAIN samples per seed "
-        f"(seeds {res['seeds']}), eta {res['eta_mode']} to L_AR's gradient (anchor ar: L_AR + eta H, the paper's Eq. 5; kl: KL to the FP answer distribution + eta H); guard: FP accuracy on {res['n_guard']} "
+        f"(seeds {res['seeds']}), eta {res['eta_mode']} to L_AR's gradient (anchor ar: L_AR + eta H, the paper's "
+        f"Eq. 5; kl: KL to the FP answer distribution + eta H); guard: FP accuracy on {res['n_guard']} "
         f"VAL samples may fall by at most {100 * res['guard']:.1f} points, else the run is reverted. torch "
         f"{res['torch']}, {res['threads']} threads.", "", *([code_line(res), ""] if res.get("code") else []),
         "Mean ± std over seeds (a bare number: one seed): change of the targeted entropy (image positions, %), of the inputs' peakedness "
@@ -147,15 +152,17 @@ def to_markdown(res: dict) -> str:
     lines += [f"| {t['anchor']} | {t['eta']:g} | {t['lr']:g} | {cell(t['H_change'])} | {cell(t['crest_change'], 3)} | "
               f"{cell(t['val_change'])} | {t['n_reverted']}/{t['n']} | {t['cpu_s']:.0f} |" for t in table]
     lines += ["", "Per run: entropy before -> after, FP val before -> after", ""]
-    lines += [f"- {r.get('anchor', 'ar')}, eta {r['eta']:g}, lr {r['lr']:g}, seed {r['seed']}: H {r['H_before']:.4f} -> {r['H_after']:.4f} "
+    lines += [f"- {r.get('anchor', 'ar')}, eta {r['eta']:g}, lr {r['lr']:g}, seed {r['seed']}: "
+              f"H {r['H_before']:.4f} -> {r['H_after']:.4f} "
               f"({100 * r['H_change']:+.1f} %), log-crest {r['crest_before']:.3f} -> {r['crest_after']:.3f}, FP val "
               f"{100 * r['fp_val_before']:.1f} -> {100 * r['fp_val_after']:.1f}, "
               f"{'reverted' if r['reverted'] else 'kept'}" for r in res["rows"]]
     verdict = ("no setting passes the guard in every seed" if best is None else
-               f"picked on val: anchor {best['anchor']}, eta {best['eta']:g}, lr {best['lr']:g} (entropy {cell(best['H_change'])} %)")
-    figure = ("veo.png: every run above" + (f", with the runs of {', '.join(res['figure_with'])} (`--with`)"
-                                            if res.get("figure_with") else "") + ": entropy change against FP val change"
-              + (f" (n = {res['figure_r'][0]} runs, Pearson r = {res['figure_r'][1]:.2f})." if res.get("figure_r") else "."))
+               f"picked on val: anchor {best['anchor']}, eta {best['eta']:g}, lr {best['lr']:g} "
+               f"(entropy {cell(best['H_change'])} %)")
+    with_ = f", with the runs of {', '.join(res['figure_with'])} (`--with`)" if res.get("figure_with") else ""
+    r = f" (n = {res['figure_r'][0]} runs, Pearson r = {res['figure_r'][1]:.2f})" if res.get("figure_r") else ""
+    figure = f"veo.png: every run above{with_}: entropy change against FP val change{r}."
     return "\n".join(lines + ["", f"Choice: {verdict}.", "", figure, ""])
 
 
