@@ -141,7 +141,7 @@ def _split(fs: tuple[int, ...]) -> tuple[int, ...]:
     *rest, last = fs
     if not _is_pow2(last) or last <= FACTOR_MAX:
         return fs
-    a = 2 ** ((last.bit_length() - 1 + 1) // 2)
+    a = 2 ** (last.bit_length() // 2)                      # last = 2^k: a = 2^ceil(k / 2)
     return (*rest, *_split((a,)), *_split((last // a,)))
 
 
