@@ -29,7 +29,7 @@ from qvlm.errors import QVLMError
 from qvlm.evaluate import chance_accuracy, majority_accuracy
 from qvlm.models import llava
 from qvlm.paths import RESULTS_DIR
-from qvlm.report.publish import code_hash, git_commit
+from qvlm.report.publish import code_version   # on smol W4A4 an fp32 summation-order change moves a seed by points
 from qvlm.report.stats import order, pm, summarize
 from qvlm.utils import atomic_write_json, atomic_write_text
 
@@ -72,15 +72,18 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS,
                 rows=[{k: v for k, v in r.items() if k not in ("info",)} for r in rows])
 
 
-def code_version() -> dict:
-    """The code a table was computed with: HEAD and the hash of qvlm/ + kernels/ as run (uncommitted edits included).
-    On smol W4A4 an fp32 summation-order change alone moves a seed by points, so numbers belong to their code."""
-    return dict(git_commit=git_commit(), code_hash=code_hash())
-
-
 def code_line(res: dict) -> str:
     return (f"Code: commit {res['code']['git_commit'][:10]}, package + kernels hash {res['code']['code_hash'][:12]} "
             "(qvlm.report.publish.code_hash; equal hash = the same code).")
+
+
+def _budget_text(res: dict) -> str:
+    if not res["budget"]:
+        return f"{res['iters']} steps per block"
+    if (res.get("knobs") or {}).get("budget_unit") == "compute":
+        return (f"each at the compute of a {res['budget']}-step layer-wise search (budget_unit compute: the linear-steps "
+                "of one block per transformer layer; deeper blocks get fewer steps)")
+    return f"{res['budget']} steps in total"
 
 
 def _knob_text(knobs: dict | None) -> str:
@@ -110,8 +113,8 @@ def to_markdown(res: dict) -> str:
 
     lines = ([f"`{res['command']}`", ""] if res.get("command") else []) + [
              f"Model `{res['model']}`, {res['n_eval']} test samples; calibration {res['calib']['n_calib']} TRAIN samples, "
-             f"seeds {res['seeds']}; learned searches: {res['budget'] or str(res['iters']) + ' steps per block'}"
-             f"{' steps in total' if res['budget'] else ''} ({res['mode']} mode, {res['preset']} preset); quantized: "
+             f"seeds {res['seeds']}; learned searches: {_budget_text(res)} ({res['mode']} mode, {res['preset']} "
+             f"preset); quantized: "
              f"{res.get('scope', 'vision,projector,llm')}; weight ranges {res.get('w_clip', 'minmax')}; transform "
              f"{res['transform']}{_knob_text(res.get('knobs'))}; {res['device']}, torch {res['torch']}, "
              f"{res['threads']} threads. FP accuracy "

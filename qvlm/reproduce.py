@@ -23,7 +23,7 @@ from .errors import QVLMError
 from .paths import REPO_ROOT, RESULTS_DIR, notebooks
 from .config import PRESET_NAMES
 from .report.claims import UPSTREAM, missing_upstream, upstream_dir
-from .report.publish import publish as publish_notebooks
+from .report.publish import code_version, publish as publish_notebooks
 from .utils import atomic_write_json
 
 REFERENCE_DIR = REPO_ROOT / "tests" / "reference"
@@ -105,12 +105,16 @@ def main(argv=None) -> int:
     if args.update_reference and not args.model:
         args.model = "tiny"                                  # the pinned smoke references are tiny's
     params = {"PRESET": args.preset, **({"MODEL": args.model} if args.model else {})}
-    merged, seconds = {}, {}
+    merged, seconds, versions = {}, {}, {}
     for nb in notebooks(args.only):
         t0 = time.time()
         print(f"[reproduce] {nb.name} ({args.mode}, {params}) ...", flush=True)
         out_dir = RESULTS_DIR / nb.stem / args.mode
+        versions[nb.stem] = code_version()                   # what the kernel imports: the code as it starts
         m = run_notebook(nb, args.mode, out_dir, executed_path(nb, args.mode), progress=True, parameters=params)
+        if code_version()["code_hash"] != versions[nb.stem]["code_hash"]:
+            print(f"[reproduce] warning: qvlm/ or kernels/ changed while {nb.name} ran; it is published with the "
+                  "code it started with, which `python -m qvlm.report.publish --check` will call stale", flush=True)
         merged[nb.stem] = m.get("metrics", {})
         seconds[nb.stem] = round(time.time() - t0, 1)
         print(f"[reproduce] {nb.name} done in {seconds[nb.stem]:.0f}s -> {out_dir}", flush=True)
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
         atomic_write_json(path, {**old, **merged})
         old_s = json.loads((RESULTS_DIR / "seconds.json").read_text()) if (RESULTS_DIR / "seconds.json").exists() else {}
         atomic_write_json(RESULTS_DIR / "seconds.json", {**old_s, **seconds})
-        man = publish_notebooks(notebooks(), seconds={**old_s, **seconds})
+        man = publish_notebooks(notebooks(args.only), seconds={**old_s, **seconds}, versions=versions)
         print(f"[reproduce] published {len(man['notebooks'])} notebooks ({man['size_bytes'] / 2**20:.1f} MiB)")
     return 0
 

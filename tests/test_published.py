@@ -72,6 +72,20 @@ def test_publishing_one_notebook_keeps_the_others(tmp_path):
     assert publish.published_metrics(nbs[0].stem, out) is None
 
 
+def test_a_notebook_is_published_with_the_code_it_started_with(tmp_path):
+    """reproduce takes each notebook's code version when it starts: code edited while it ran is not what it ran."""
+    nb = notebooks()[0]
+    res, out = tmp_path / "results", tmp_path / "pub"
+    (res / "executed").mkdir(parents=True)
+    (res / "executed" / nb.name).write_text("{}")
+    (res / nb.stem / "full").mkdir(parents=True)
+    (res / nb.stem / "full" / "metrics.json").write_text(json.dumps({"config": {"model": "smol"}}))
+    started = dict(git_commit="1" * 40, code_hash="the-code-it-ran")
+    man = publish.publish([nb], results=res, out=out, versions={nb.stem: started})
+    assert {k: man["notebooks"][nb.stem][k] for k in started} == started
+    assert any(r.startswith(f"{nb.stem}: the package code changed") for r in publish.stale([nb], out))
+
+
 def test_readme_tables_come_from_the_published_metrics(tmp_path, monkeypatch):
     """A fresh clone has no results/metrics.json (git-ignored): the README's tables read results/published/metrics/."""
     from qvlm.report import readme

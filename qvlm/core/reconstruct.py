@@ -50,6 +50,9 @@ from ..errors import QVLMError
 from .qlinear import QuantLinear, rectified_sigmoid
 
 
+BUDGET_UNITS = ("steps", "compute")
+
+
 @dataclass(frozen=True)
 class ReconConfig:
     iters: int = 200             # Adam steps per group (BRECQ uses 20k on ImageNet; PRESETS['full'] iters = 200)
@@ -63,12 +66,15 @@ class ReconConfig:
     learn_act: bool = False      # also learn activation step (static) / clipping ratio (dynamic)
     drop_prob: float = 0.0       # QDrop: probability of keeping an activation element FP while learning (paper: 0.5)
     budget: int = 0              # total Adam steps over ALL groups of a run, split by group size; 0 = iters per group
+    budget_unit: str = "steps"   # what `budget` fixes: "steps" (their sum) | "compute" (the linear-steps of the layer-wise search with `budget` steps)
 
     def __post_init__(self):
         if not isinstance(self.iters, int) or self.iters < 0:
             raise QVLMError(f"iters={self.iters!r} must be a non-negative integer", "pass --iters 0 or more")
         if not isinstance(self.budget, int) or self.budget < 0:
             raise QVLMError(f"budget={self.budget!r} must be a non-negative integer", "pass --budget 0 or more")
+        if self.budget_unit not in BUDGET_UNITS:
+            raise QVLMError(f"unknown budget_unit {self.budget_unit!r}", f"use one of {', '.join(BUDGET_UNITS)}")
         if not 0.0 <= self.drop_prob < 1.0:
             raise QVLMError(f"drop_prob={self.drop_prob} is outside [0, 1)", "pass 0 <= drop_prob < 1")
 
@@ -85,6 +91,24 @@ def allocate_steps(total: int, weights: Sequence[float]) -> list[int]:
     for i in order[: total - sum(out)]:
         out[i] += 1
     return out
+
+
+def budget_steps(cfg: ReconConfig, group_sizes: Sequence[int], layer_sizes: Sequence[int]) -> list[int]:
+    """Steps of each group (linears optimised jointly, `group_sizes` linears each) of a run: cfg.iters each, or
+    with cfg.budget > 0 a total split in proportion to group size (allocate_steps). The total is
+      "steps"    cfg.budget itself: equal steps, but a step of an n-linear group evaluates n linears forward and
+                 backward, so a partition into deeper groups spends more compute per step;
+      "compute"  the steps that spend the same linear-steps (sum_g steps_g * n_g) as the layer-wise search (one
+                 group per transformer layer, `layer_sizes` linears each) given cfg.budget steps: equal compute.
+                 Deeper groups then get fewer steps; single linears (AdaRound) more.
+    """
+    if not cfg.budget:
+        return [cfg.iters] * len(group_sizes)
+    total = cfg.budget
+    if cfg.budget_unit == "compute":
+        layer_cost = cfg.budget * sum(n * n for n in layer_sizes) / sum(layer_sizes)      # linear-steps
+        total = round(layer_cost * sum(group_sizes) / sum(n * n for n in group_sizes))
+    return allocate_steps(total, group_sizes)
 
 
 def _masked_sq_error(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None,

@@ -14,7 +14,8 @@ Pipeline (each step its own module; search and apply separated):
                  search: the paper's argument, and why the threshold is frozen before VEO.
     4. rounding  (qvlm.method.rounding): block by block, in forward order, AdaRound rounding + activation
                  quantizers of all the block's linears learned jointly on the block's residual output; `iters` per
-                 block, or a fixed total `budget` split over the blocks.
+                 block, or a fixed total `budget` split over the blocks (equal steps, or equal compute:
+                 `budget_unit`).
 
 Artifact: `run_qvlm` returns a QVLMResult (config, VEO parameters, profiles, partition, rounding decisions);
 `save_qvlm` / `load_qvlm` / `apply_qvlm(model, result)` rebuild the quantized model from an FP one without data.

@@ -18,7 +18,9 @@ In both, for each block in forward order:
     input     the quantized path: every earlier block is already frozen at its learned rounding;
     target    the FP model's value on the FP path (BRECQ / QDrop convention);
     steps     `iters` per block, or with a fixed total budget (ReconConfig.budget > 0) the budget split over the
-              blocks in proportion to their number of linears, so partitions can be compared at equal total steps.
+              blocks in proportion to their number of linears, so partitions can be compared at equal total steps
+              (budget_unit "steps") or at equal compute, the layer-wise search's linear-steps ("compute";
+              qvlm.core.reconstruct.budget_steps).
 
 Search and apply are separate: `run_rounding` records the DECISIONS (per weight rounded up or down, the step sizes,
 the learned activation tensors, which linears share an activation quantizer) -> `save_decisions` ->
@@ -41,7 +43,7 @@ from ..config import QuantConfig
 from ..core.calib import BlockData, calibrate, group_forward, layer_inputs
 from ..core.checkpoint import shared_groups
 from ..core.qlinear import QuantLinear, quant_linears, quantize_model, share_act_quantizer
-from ..core.reconstruct import ReconConfig, allocate_steps, reconstruct
+from ..core.reconstruct import ReconConfig, budget_steps, reconstruct
 from ..core.units import layer_of
 from ..errors import QVLMError
 from ..models import llava
@@ -72,13 +74,6 @@ def driver_units(block_keys: list[list[str]], layer_keys: list[str]) -> list[lis
 def unit_key(layers: list[str]) -> str:
     """The driver's key of a run of layers: 'llm.3' or 'llm.3-5'."""
     return layers[0] if len(layers) == 1 else f"{layers[0]}-{layers[-1].split('.')[-1]}"
-
-
-def block_steps(block_sizes: list[int], cfg: ReconConfig) -> list[int]:
-    """Steps of each block: cfg.iters each, or the fixed total cfg.budget split by block size (in linears)."""
-    if cfg.budget:
-        return allocate_steps(cfg.budget, block_sizes)
-    return [cfg.iters] * len(block_sizes)
 
 
 def decision(m: QuantLinear) -> dict:
@@ -151,13 +146,13 @@ def run_rounding(model: nn.Module, processor, samples: list[dict], qcfg: QuantCo
     covered = [k for blk in block_keys for k in blk]
     out = Decisions(dict(asdict(cfg), quant=asdict(qcfg), n_calib=len(samples), granularity=granularity,
                          **(meta or {})))
+    n_lin = {b.key: sum(isinstance(m, nn.Linear) for m in b.module.modules()) for b in llava.blocks(model, qcfg.scope)}
     if granularity == "layer":
         if covered != layer_keys:
             raise QVLMError("the partition does not cover the scoped transformer layers in forward order",
                             "build it from the same model and scope (qvlm.method.partition)")
-        n_lin = {b.key: sum(isinstance(m, nn.Linear) for m in b.module.modules()) for b in llava.blocks(model, qcfg.scope)}
-        steps = dict(zip((unit_key(b) for b in block_keys), block_steps([sum(n_lin[k] for k in b)
-                                                                         for b in block_keys], cfg)))
+        steps = dict(zip((unit_key(b) for b in block_keys),
+                         budget_steps(cfg, [sum(n_lin[k] for k in b) for b in block_keys], list(n_lin.values()))))
 
         def unit_fn(data: BlockData) -> dict:
             s = reconstruct_layers(data, replace(cfg, iters=steps[data.key]), progress)
@@ -173,7 +168,7 @@ def run_rounding(model: nn.Module, processor, samples: list[dict], qcfg: QuantCo
             raise QVLMError("the partition does not cover the scoped linear layers in forward order",
                             "build it from the same model and scope (qvlm.method.partition)")
         unit_of = {k: tuple(u) for u in (units or [[k] for k in expected]) for k in u}
-        steps = dict(zip((b[0] for b in block_keys), block_steps([len(b) for b in block_keys], cfg)))
+        steps = dict(zip((b[0] for b in block_keys), budget_steps(cfg, [len(b) for b in block_keys], list(n_lin.values()))))
 
         def unit_fn(data: BlockData) -> dict:
             mine = {k for k, _ in data.qlinears()}

@@ -33,7 +33,7 @@ from ..core.calib import calibrate
 from ..core.checkpoint import FINGERPRINT_ATTR, fingerprint
 from ..core.cost import peak_memory
 from ..core.qlinear import check_model, freeze_model, quantize_model
-from ..core.reconstruct import allocate_steps
+from ..core.reconstruct import allocate_steps, budget_steps
 from ..data import calibration_set
 from ..errors import QVLMError
 from ..models import check_quant_config, llava
@@ -67,17 +67,23 @@ def _check_weights(model, qcfg: QuantConfig) -> None:
                                 "restore the checkpoint; quantization needs finite weights")
 
 
-def budget_plan(model, qcfg: QuantConfig, cfg, units: list[list[str]] | None = None) -> dict[str, int] | None:
+def budget_plan(model, qcfg: QuantConfig, cfg, units: list[list[str]] | None = None,
+                group: str = "unit") -> dict[str, int] | None:
     """Fixed-budget mode (a config with `budget` > 0): {driver unit key: its steps}, the total split over the units
-    in proportion to their number of linears, summing exactly to the budget. None = `iters` per group."""
-    total = getattr(cfg, "budget", 0)
-    if not total:
+    in proportion to their number of linears (qvlm.core.reconstruct.budget_steps, in `cfg.budget_unit`). `group`:
+    what the method optimises jointly -- "unit" (BRECQ: the unit's linears together) or "linear" (AdaRound: one
+    at a time, which the compute unit needs to know). None = `iters` per group."""
+    if not getattr(cfg, "budget", 0):
         return None
     blocks = llava.blocks(model, qcfg.scope)
     groups = units or [[b.key] for b in blocks]
     n_lin = {b.key: sum(isinstance(x, nn.Linear) for x in b.module.modules()) for b in blocks}
     keys = [g[0] if len(g) == 1 else f"{g[0]}-{g[-1].split('.')[-1]}" for g in groups]
-    return dict(zip(keys, allocate_steps(total, [sum(n_lin[k] for k in g) for g in groups])))
+    sizes = [sum(n_lin[k] for k in g) for g in groups]
+    if group == "linear":                       # the total over single linears, then split back over the units
+        total = sum(budget_steps(cfg, [1] * sum(sizes), list(n_lin.values())))
+        return dict(zip(keys, allocate_steps(total, sizes)))
+    return dict(zip(keys, budget_steps(cfg, sizes, list(n_lin.values()))))
 
 
 def quantize(model, processor, method: str = "rtn", qcfg: QuantConfig | None = None,
@@ -113,7 +119,7 @@ def quantize(model, processor, method: str = "rtn", qcfg: QuantConfig | None = N
                 unit_fn = (lambda data: m.quantize_unit(data, qcfg, cfg)) if m.quantize_unit else None
                 units = m.units(model, qcfg, cfg) if m.units else None
                 stats = calibrate(model, processor, samples, qcfg, unit_fn, batch_size=calib_cfg.batch_size,
-                                  units=units, progress=progress, unit_iters=budget_plan(model, qcfg, cfg, units))
+                                  units=units, progress=progress, unit_iters=budget_plan(model, qcfg, cfg, units, m.group))
         else:                                           # data-free: RTN weights, dynamic activations
             quantize_model(model, qcfg)
             freeze_model(model)

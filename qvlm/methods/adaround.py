@@ -45,4 +45,5 @@ def quantize_unit(data, qcfg, cfg: AdaRoundConfig) -> dict:
 
 
 METHOD = Method("adaround", AdaRoundConfig, quantize_unit, needs_data=True,
-                summary="AdaRound: learned rounding per layer, activation quantization in the loop (QDrop option)")
+                summary="AdaRound: learned rounding per layer, activation quantization in the loop (QDrop option)",
+                group="linear")

@@ -28,6 +28,7 @@ class Method:
     # optional: scalars for a result row from the method's stats (e.g. Q-VLM's number of blocks)
     row_fields: Callable | None = None
     transform: str = "none"                       # the equivalence transform the method implies (quarot: rotate)
+    group: str = "unit"                           # what one optimisation group is: the unit's linears jointly | "linear"
 
     def knob_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.config)]

@@ -76,9 +76,16 @@ def compress_png(src: Path, dst: Path) -> None:
     im.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
 
 
+def code_version(root: Path = REPO_ROOT) -> dict:
+    """{git_commit, code_hash}: the code a result is computed with (uncommitted edits count in the hash)."""
+    return dict(git_commit=git_commit(root), code_hash=code_hash(root))
+
+
 def publish(notebooks: list[Path], mode: str = "full", seconds: dict | None = None, results: Path = RESULTS_DIR,
-            out: Path = PUBLISHED) -> dict:
-    """Copy each executed notebook of `mode` and its figures into `out`, write the manifest; returns it."""
+            out: Path = PUBLISHED, versions: dict | None = None) -> dict:
+    """Copy each executed notebook of `mode` and its figures into `out`, write the manifest; returns it.
+    `versions`: {stem: code_version()} taken when each notebook STARTED (qvlm.reproduce); a notebook without one
+    is recorded with the code as it is now."""
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "manifest.json"
     entries = json.loads(previous.read_text())["notebooks"] if previous.is_file() else {}
@@ -100,7 +107,7 @@ def publish(notebooks: list[Path], mode: str = "full", seconds: dict | None = No
         cfg = metrics.get("config") or {}
         entries[nb.stem] = dict(source_hash=notebook_hash(nb), figures=figs, model=cfg.get("model"),
                                 mode=cfg.get("mode"), preset=cfg.get("preset"), seconds=(seconds or {}).get(nb.stem),
-                                git_commit=commit, code_hash=code, date=today)
+                                **(versions or {}).get(nb.stem, dict(git_commit=commit, code_hash=code)), date=today)
     manifest = dict(git_commit=commit, code_hash=code, date=today, notebooks=dict(sorted(entries.items())),
                     size_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()))
     atomic_write_json(out / "manifest.json", manifest)

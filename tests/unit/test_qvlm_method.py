@@ -1,6 +1,7 @@
 """qvlm.method.rounding + qvlm.method.pipeline: driver units, the block search against RTN, the full pipeline
 (registration, determinism, save -> load -> apply), config validation and the generated CLI flags."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,11 +10,12 @@ from qvlm import cli, data, evaluate, methods
 from qvlm.core import units as U
 from qvlm.analysis import entropy as E
 from qvlm.core import hooks as H
+from qvlm.core.reconstruct import ReconConfig, budget_steps
 from qvlm.method import rounding as R
 from qvlm.config import CalibConfig, QuantConfig
 from qvlm.errors import QVLMError
 from qvlm.method import pipeline as Q
-from qvlm.models import tiny
+from qvlm.models import llava, tiny
 
 torch.set_num_threads(1)
 ARCH = dict(vision_layers=2, text_layers=2)                     # small random testbed: same classes, fewer layers
@@ -119,6 +121,36 @@ def test_fixed_budget_spends_exactly_the_total(calib):
     _, info = methods.quantize(model, processor, "brecq", QCFG, CalibConfig(n_calib=4, batch_size=4, seed=0),
                                progress=False, iters=10, budget=17)
     assert sum(b["iters"] for b in info["blocks"].values()) == 17
+
+
+def test_compute_budget_spends_the_layerwise_searchs_linear_steps():
+    cfg = ReconConfig(budget=30, budget_unit="compute")
+    layers = [7, 7, 7]                                             # three layers of 7 linears: 30 * 7 = 210 linear-steps
+    for groups in ([14, 7], [21], [7, 7, 7], [1] * 21):
+        steps = budget_steps(cfg, groups, layers)
+        assert abs(sum(s * n for s, n in zip(steps, groups)) - 210) <= max(groups)      # up to one step's rounding
+    assert budget_steps(cfg, [14, 7], layers) == [12, 6] and budget_steps(cfg, layers, layers) == [10, 10, 10]
+    assert budget_steps(replace(cfg, budget_unit="steps"), [14, 7], layers) == [20, 10]
+    assert budget_steps(replace(cfg, budget=0, iters=5), [14, 7], layers) == [5, 5]
+    with pytest.raises(QVLMError, match="budget_unit"):
+        ReconConfig(budget_unit="flops")
+
+
+def test_compute_budget_in_every_learned_method():
+    def blocks(method, **knobs):
+        model, processor = tiny.build_random(0, **ARCH)
+        _, info = methods.quantize(model, processor, method, QCFG, CalibConfig(n_calib=4, batch_size=4, seed=0),
+                                   progress=False, budget=17, budget_unit="compute", **knobs)
+        return model, info["blocks"]
+    model, brecq = blocks("brecq", iters=10)
+    assert sum(b["iters"] for b in brecq.values()) == 17           # layer-wise: the compute budget is the step budget
+    layers = [sum(isinstance(m, torch.nn.Linear) for m in b.module.modules()) for b in llava.blocks(model)]
+    _, ada = blocks("adaround", iters=10)                          # single linears: cheaper steps, more of them
+    assert sum(s["iters"] for b in ada.values() for s in b.values()) == round(17 * sum(n * n for n in layers) / sum(layers))
+    _, qv = blocks("qvlm", **{**KNOBS, "veo": False})
+    sizes = [sum(layers[[b.key for b in llava.blocks(model)].index(k)] for k in blk) for blk in qv["partition"]]
+    assert max(sizes) > max(layers) and qv["steps"] == sum(budget_steps(ReconConfig(budget=17, budget_unit="compute"), sizes, layers))
+    assert qv["steps"] < 17                                         # deeper blocks, fewer (dearer) steps
 
 
 def test_unit_granularity_option(calib):
