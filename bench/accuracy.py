@@ -43,6 +43,7 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS,
     subset of vision,projector,llm to quantize (the rest stays FP: which part loses the accuracy); "" = all.
     `w_clip`: how every method's weight ranges are chosen (QuantConfig.w_clip); "" = the QuantConfig default.
     `knobs`: method options on top of the preset's (qvlm.experiments.grid hands each method its own)."""
+    code = code_version()                       # at the start: the code that ran, even if files change meanwhile
     cfg = resolve(mode, preset=preset, model=model_name, dataset=dataset, n_eval=n_eval, notebook="bench")
     names = [experiments.variant(n)["label"] for n in (method_names or experiments.table_methods())]
     fields = dict(scope=scope, w_clip=w_clip)
@@ -68,7 +69,7 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS,
                 seeds=list(seeds), mode=mode, preset=preset,
                 calib=dict(n_calib=cfg.n_calib, batch_size=cfg.batch_size), iters=cfg.iters, budget=total,
                 transform=transform, knobs=given, device=device, torch=torch.__version__, threads=torch.get_num_threads(),
-                machine=platform.processor() or platform.machine(), code=code_version(), summary=summary,
+                machine=platform.processor() or platform.machine(), code=code, summary=summary,
                 rows=[{k: v for k, v in r.items() if k not in ("info",)} for r in rows])
 
 

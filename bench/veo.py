@@ -63,6 +63,7 @@ def run(model_name="smol", dataset="tiny", setting="W4A4", etas=(1.0,), lrs=(1e-
     """Train one VEO encoder per (anchor, eta, lr, seed) and measure it; returns the JSON-able results. `done`: an
     earlier
     run's results (same model, setting, mode, preset) whose rows are kept and not recomputed (same seed -> same row)."""
+    code = code_version()                       # at the start: the code that ran, even if files change meanwhile
     cfg = resolve(mode, preset=preset, model=model_name, dataset=dataset, notebook="bench")
     qcfg = parse_setting(setting)
     if done and (done["model"], done["setting"], done["mode"], done["preset"]) != (model_name, qcfg.setting, mode, preset):
@@ -95,7 +96,7 @@ def run(model_name="smol", dataset="tiny", setting="W4A4", etas=(1.0,), lrs=(1e-
     return dict(model=model_name, dataset=dataset, setting=qcfg.setting, n_calib=cfg.n_calib, n_guard=len(val),
                 guard=base.guard, veo_iters=base.veo_iters, encoder_params=base.encoder_params, eta_mode=base.eta_mode,
                 seeds=sorted({r["seed"] for r in rows}), mode=mode, preset=preset, torch=torch.__version__,
-                threads=torch.get_num_threads(), code=code_version(),
+                threads=torch.get_num_threads(), code=code,
                 rows=sorted(rows, key=lambda r: (r["anchor"], r["eta"], r["lr"], r["seed"])))
 
 
