@@ -26,11 +26,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# two pytest workers (pytest-xdist): one runs the notebooks in order (07 reuses 00-06's outputs), the other the unit
+# tests, then both share what is left
+XDIST   := -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15 tests
+	$(PY) -m pytest -q -x $(XDIST) --durations=15 tests
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q -m "not notebooks" tests
+	$(PY) -m pytest -q $(XDIST) -m "not notebooks" tests
 
 test-notebooks: $(STAMP)
 	$(PY) -m pytest -q -m notebooks tests

@@ -33,21 +33,24 @@ from qvlm.report.publish import code_version   # on smol W4A4 an fp32 summation-
 from qvlm.report.stats import order, pm, summarize
 from qvlm.utils import atomic_write_json, atomic_write_text
 
-SETTINGS = "W8A8,W6A6,W4A4,W4A16"          # the paper's settings (W6A6 / W4A4) plus deployment ones (W8A8 / W4A16)
 
 
-def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS, seeds=None, mode="full",
+def run(model_name="smol", dataset="tiny", method_names=None, settings="", seeds=None, mode="full",
         preset="cpu", budget="auto", n_eval=-1, transform="none", device="cpu", progress=True, scope="",
         w_clip="", knobs: dict | None = None) -> dict:
     """Quantize + evaluate every (method, setting, seed); returns the JSON-able results. `scope`: a comma-separated
     subset of vision,projector,llm to quantize (the rest stays FP: which part loses the accuracy); "" = all.
     `w_clip`: how every method's weight ranges are chosen (QuantConfig.w_clip); "" = the QuantConfig default.
-    `knobs`: method options on top of the preset's (qvlm.experiments.grid hands each method its own)."""
+    `knobs`: method options on top of the preset's (qvlm.experiments.grid hands each method its own).
+    `settings` "": the table's (qvlm.experiments.TABLE_SETTINGS), where the cpu preset runs the learned searches only
+    at CORE_SETTINGS (experiments.table_cell); settings given explicitly run for every method."""
     code = code_version()                       # at the start: the code that ran, even if files change meanwhile
     cfg = resolve(mode, preset=preset, model=model_name, dataset=dataset, n_eval=n_eval, notebook="bench")
     names = [experiments.variant(n)["label"] for n in (method_names or experiments.table_methods())]
     fields = dict(scope=scope, w_clip=w_clip)
-    qcfgs = [dataclasses.replace(q, **{k: v for k, v in fields.items() if v}) for q in parse_settings(settings)]
+    keep = None if settings else experiments.table_cell(preset)
+    qcfgs = [dataclasses.replace(q, **{k: v for k, v in fields.items() if v})
+             for q in parse_settings(settings or ",".join(experiments.TABLE_SETTINGS))]
     seeds = seeds or cfg.seeds
     model, processor = loading.load(model_name, device=device)
     n_layers = len(llava.blocks(model))
@@ -59,7 +62,9 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS,
     ev = cfg.eval()
     fp = experiments.fp_row(model, processor, ev, model_name)
     samples = experiments.eval_samples(ev)
-    rows = experiments.grid(model, processor, names, qcfgs, seeds, knobs=knobs, eval=ev,
+    dropped = [f"{n} {q.setting}" for q in qcfgs for n in names
+               if keep and not keep(experiments.variant(n)["method"], q)]
+    rows = experiments.grid(model, processor, names, qcfgs, seeds, knobs=knobs, eval=ev, keep=keep,
                             calib=cfg.calib(), transform=transform, model_name=model_name, progress=progress)
     ok = [r for r in rows if "error" not in r]
     summary = summarize(ok).to_dict("records") if ok else []
@@ -68,7 +73,8 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings=SETTINGS,
                 settings=[s.setting for s in qcfgs], scope=",".join(qcfgs[0].scope), w_clip=qcfgs[0].w_clip,
                 seeds=list(seeds), mode=mode, preset=preset,
                 calib=dict(n_calib=cfg.n_calib, batch_size=cfg.batch_size), iters=cfg.iters, budget=total,
-                transform=transform, knobs=given, device=device, torch=torch.__version__, threads=torch.get_num_threads(),
+                transform=transform, knobs=given, dropped=dropped, device=device, torch=torch.__version__,
+                threads=torch.get_num_threads(),
                 machine=platform.processor() or platform.machine(), code=code, summary=summary,
                 rows=[{k: v for k, v in r.items() if k not in ("info",)} for r in rows])
 
@@ -125,6 +131,9 @@ def to_markdown(res: dict) -> str:
              "| method | " + " | ".join(s) + " |", "|---|" + "---|" * len(s)]
     lines[-4:-4] = [code_line(res), ""] if res.get("code") else []          # after the set-up paragraph
     lines += [f"| {n} | " + " | ".join(acc(n, st) for st in s) + " |" for n in names]
+    if res.get("dropped"):
+        lines += ["", f"–: not run. The {res['preset']} preset runs the learned searches (AdaRound, BRECQ, Q-VLM) only at "
+                      f"{', '.join(experiments.CORE_SETTINGS)}: {', '.join(res['dropped'])} (`--settings` runs them)."]
     lines += ["", "Search CPU seconds (calibration + search, mean over seeds)", "",
               "| method | " + " | ".join(s) + " |", "|---|" + "---|" * len(s)]
     lines += [f"| {n} | " + " | ".join(cost(n, st) for st in s) + " |" for n in names]
@@ -153,7 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smol")
     p.add_argument("--dataset", default="tiny")
     p.add_argument("--methods", default="", help="comma-separated names (default: every registered method)")
-    p.add_argument("--settings", default=SETTINGS, help="comma-separated WxAy[Gg] labels")
+    p.add_argument("--settings", default="", help="comma-separated WxAy[Gg] labels (default: "
+                   f"{','.join(experiments.TABLE_SETTINGS)}; the cpu preset runs AdaRound, BRECQ and Q-VLM only at "
+                   f"{','.join(experiments.CORE_SETTINGS)})")
     p.add_argument("--seeds", default="", help="comma-separated calibration seeds (default: the preset's)")
     p.add_argument("--mode", default="full", choices=list(MODES))
     p.add_argument("--preset", default="cpu", choices=list(PRESET_NAMES))

@@ -203,6 +203,21 @@ def data_free(method: str, qcfg: QuantConfig, transform: str = "none") -> bool:
 
 BEYOND_PAPER = "qvlm+rotate"     # this repository's variant beyond the paper: Q-VLM on the QuaRot rotation
 SMOKE_METHODS = ("rtn", "brecq", "qvlm")
+TABLE_SETTINGS = ("W8A8", "W6A6", "W4A8", "W4A4", "W4A16")   # the comparison table: the paper's W6A6 / W4A4 + deployment
+CORE_SETTINGS = ("W8A8", "W6A6", "W4A4")    # where the cpu preset runs every method (the learned searches skip the rest)
+
+
+def learned(method: str) -> bool:
+    """True for a method that searches its rounding by optimisation under a step budget (AdaRound, BRECQ, Q-VLM):
+    minutes per run where the others take seconds."""
+    return "budget" in methods.get(method).knob_names()
+
+
+def table_cell(preset: str):
+    """keep(method, qcfg) -> bool for grid(): every cell, except that on the cpu preset the learned searches run
+    only at CORE_SETTINGS (W4A8 / W4A16 rows of AdaRound, BRECQ and Q-VLM cost hours on 2 cores; W4A4 is never
+    dropped)."""
+    return lambda method, qcfg: preset != "cpu" or not learned(method) or qcfg.setting in CORE_SETTINGS
 
 
 def table_methods(spec: str = "", mode: str = "full") -> list[str]:
@@ -230,20 +245,21 @@ def variant(method: str, label: str = "", transform: str | None = None, **knobs)
 
 def grid(model: nn.Module, processor, method_names: list, settings: list, seeds=(0,), *,
          knobs: dict | None = None, eval: EvalConfig | None = None, progress: bool = True,
-         reuse: list[dict] | None = None, **kw) -> list[dict]:
+         reuse: list[dict] | None = None, keep=None, **kw) -> list[dict]:
     """run() over every (setting, method): `method_names` holds method names (each gets the `knobs` its config has)
     or `variant(...)` dicts (a label, a method and its own knobs on top of `knobs`). The FP model is evaluated once
     per setting ('fp' is not repeated per seed: nothing random enters it). A variant that cannot run a setting
     leaves a row with `error` (shown, not hidden). Rows carry `variant` = the label. `reuse`: rows of earlier
     grids; a run whose run_key equals one of theirs is that row again (relabelled, `reused_from` = its variant),
-    not a second search (e.g. a sweep point that is the main variant)."""
+    not a second search (e.g. a sweep point that is the main variant). `keep(method, qcfg)`: which cells run
+    (default all; table_cell(preset) drops the learned searches' deployment-only settings on the cpu preset)."""
     variants = [v if isinstance(v, dict) else variant(v) for v in method_names]
     check_knobs([v["method"] for v in variants], knobs)
     eval = eval or EvalConfig()
     samples = eval_samples(eval)
     done = {row_key(r): r for r in reuse or [] if "error" not in r and "info" in r}
     rows = []
-    todo = [(setting_of(s), v) for s in settings for v in variants]
+    todo = [(q, v) for q in map(setting_of, settings) for v in variants if keep is None or keep(v["method"], q)]
     bar = tqdm(todo, desc="grid", disable=not progress)
     for qcfg, v in bar:
         bar.set_postfix_str(f"{qcfg.setting} {v['label']}")

@@ -31,6 +31,20 @@ def test_bench_method_options_are_flags_and_reach_the_runs(tmp_path):
     assert "method options iters=1, warmup=0.5" in (tmp_path / "accuracy.md").read_text()
 
 
+def test_bench_default_table_drops_learned_searches_at_deployment_settings_on_cpu(tmp_path):
+    """Without --settings the table is qvlm.experiments.TABLE_SETTINGS; the cpu preset runs a learned search only at
+    the core settings and the table says which cells it left out."""
+    argv = ["--model", "tiny", "--methods", "rtn,adaround", "--seeds", "0", "--mode", "smoke", "--budget", "0",
+            "--limit", "8", "--iters", "1", "--out", str(tmp_path), "--no-progress"]
+    assert accuracy.main(argv) == 0
+    res = json.loads((tmp_path / "accuracy.json").read_text())
+    assert res["settings"] == ["W8A8", "W6A6", "W4A8", "W4A4", "W4A16"]
+    assert res["dropped"] == ["adaround W4A8", "adaround W4A16"]
+    assert sorted((r["method"], r["setting"]) for r in res["rows"] if r["method"] == "adaround") == [
+        ("adaround", "W4A4"), ("adaround", "W6A6"), ("adaround", "W8A8")]
+    assert "–: not run. The cpu preset runs the learned searches" in (tmp_path / "accuracy.md").read_text()
+
+
 def test_bench_bad_method_is_one_line(tmp_path, capsys):
     assert accuracy.main(["--model", "tiny", "--methods", "nope", "--out", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()

@@ -150,8 +150,8 @@ def test_speed_claim():
 # ------------------------------------------------------------------------------------------ missing sources
 def test_every_claim_is_not_measurable_without_sources():
     t = C.claims_table({s: None for s in C.UPSTREAM}, [])
-    assert (t["verdict"] == NM).all() and len(t) == 10
-    assert C.regression(t) == {"n_claims": 10.0, "n_measured_excl_gpu": 0.0}
+    assert (t["verdict"] == NM).all() and len(t) == 12
+    assert C.regression(t) == {"n_claims": 12.0, "n_measured_excl_gpu": 0.0}
 
 
 def _write(root, stem, mode="smoke", model="tiny"):
@@ -214,5 +214,18 @@ def test_readme_shows_the_full_mode_claims_table_or_says_how_to_get_it(tmp_path,
     path.write_text(json.dumps(wrap({"claims": t.to_dict("records"), "verdict_counts": C.verdict_counts(t)},
                                     mode="full")))
     text = "\n".join(readme.claims_section())
-    assert "make reproduce" not in text and "10 not measurable here" in text
+    assert "make reproduce" not in text and f"{len(t)} not measurable here" in text
     assert text.count("**not measurable here**") == len(t)
+
+
+def test_beyond_the_paper_needs_the_top_row_at_w4a4_and_w6a6():
+    rows = lambda q, b: m05([(s, v, m, 0.005) for s in ("W4A4", "W6A6")                      # noqa: E731
+                             for v, m in (("brecq", b), ("quarot", 0.80), ("qvlm", 0.79), ("qvlm+rotate", q))])
+    top = C.claim_beyond(rows(0.86, 0.84))
+    assert top["verdict"] == R and "drop 4.0 pts" in top["ours"], top
+    tie = C.claim_beyond(rows(0.85, 0.845))
+    assert tie["verdict"] == NR and "not above brecq" in tie["why"]
+    wide = m05([("W4A4", "qvlm+rotate", 0.86, 0.005), ("W4A4", "brecq", 0.85, 0.001), ("W4A4", "awq", 0.80, 0.08)])
+    assert "not above awq" in C.claim_beyond(wide)["why"]                  # the widest interval counts, not the mean
+    assert C.claim_beyond(m05([("W4A4", "qvlm", 0.8, 0.0)]))["verdict"] == NM
+    assert C.claim_beyond(None)["verdict"] == NM

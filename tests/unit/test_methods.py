@@ -310,3 +310,20 @@ def test_grid_reuses_a_row_with_the_same_run_key(small, monkeypatch):
     other_seed = experiments.grid(model, processor, [experiments.variant("brecq", "s1", iters=3)], ["W4A4"], [1],
                                   reuse=first, **kw)
     assert len(calls) == 2 and "reused_from" not in other_seed[0]
+
+
+def test_table_cells_drop_only_the_learned_searches_at_deployment_settings(monkeypatch):
+    """On the cpu preset the comparison table runs AdaRound / BRECQ / Q-VLM only at W8A8, W6A6, W4A4 (never dropped:
+    W4A4); every other method everywhere; the gpu preset everything. grid(keep=...) runs exactly the kept cells."""
+    assert [m for m in methods.METHODS if experiments.learned(m)] == ["adaround", "brecq", "qvlm"]
+    cpu, gpu = experiments.table_cell("cpu"), experiments.table_cell("gpu")
+    cells = [(m, s) for m in ("rtn", "gptq", "brecq", "qvlm") for s in experiments.TABLE_SETTINGS]
+    dropped = [(m, s) for m, s in cells if not cpu(m, experiments.setting_of(s))]
+    assert dropped == [("brecq", "W4A8"), ("brecq", "W4A16"), ("qvlm", "W4A8"), ("qvlm", "W4A16")]
+    assert all(gpu(m, experiments.setting_of(s)) for m, s in cells)
+    ran = []
+    monkeypatch.setattr(experiments, "eval_samples", lambda ev: [])
+    monkeypatch.setattr(experiments, "run_one", lambda model, proc, method, qcfg, seed, **k:
+                        ran.append((method, qcfg.setting)) or dict(method=method, setting=qcfg.setting, seed=seed))
+    experiments.grid(None, None, ["gptq", "qvlm+rotate"], ["W4A16", "W4A4"], [0], keep=cpu, progress=False)
+    assert ran == [("gptq", "W4A16"), ("gptq", "W4A4"), ("qvlm", "W4A4")]
