@@ -34,7 +34,6 @@ from qvlm.report.stats import order, pm, summarize
 from qvlm.utils import atomic_write_json, atomic_write_text
 
 
-
 def run(model_name="smol", dataset="tiny", method_names=None, settings="", seeds=None, mode="full",
         preset="cpu", budget="auto", n_eval=-1, transform="none", device="cpu", progress=True, scope="",
         w_clip="", knobs: dict | None = None) -> dict:
