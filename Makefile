@@ -26,15 +26,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# two pytest workers (pytest-xdist): one runs the notebooks in order (07 reuses 00-06's outputs), the other the unit
-# tests, then both share what is left
-XDIST   := -n 2 --dist loadfile
+# two pytest workers (pytest-xdist): one runs the notebooks in order (07 reuses 00-06's outputs; tests/conftest.py
+# collects them first and --no-loadscope-reorder keeps that order), the other the unit tests. One thread per process
+# (OMP_NUM_THREADS=1, inherited by the notebook kernels): two 2-thread processes on 2 cores spin in each other's
+# OpenMP barriers (notebook 00's smoke run took 244 s beside the unit tests, 25 s alone; at 1 thread alone, 30 s)
+XDIST   := -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x $(XDIST) --durations=15 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x $(XDIST) --durations=15 tests
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q $(XDIST) -m "not notebooks" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(XDIST) -m "not notebooks" tests
 
 test-notebooks: $(STAMP)
 	$(PY) -m pytest -q -m notebooks tests

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from qvlm.errors import QVLMError
 
-from ._common import INTERPRET, check_launch, pack_nibbles, round_half_even
+from ._common import INTERPRET, check_launch, interpreter_rows, pack_nibbles, round_half_even
 from .pack import pack_int4
 
 EPS = 1e-8          # the floor on the step size, same value as qvlm.core.quant._EPS (an all-zero token keeps scale > 0)
@@ -173,9 +173,9 @@ def act_quant(x: torch.Tensor, a_bits: int = 8, pack: bool = False,
     scale = torch.empty((M,), dtype=torch.float32, device=x.device)
     # GPU: one token per program and (up to 16K channels) the whole row in one step, so pass 2 re-reads it from
     # L1/L2 and even M = 1 (decode) is a single short program; 16 warps keep that tile at <= 32 values per thread.
-    # Interpreter: 16 tokens per program, since its cost is per program and per op, not per element.
-    BLOCK_M = BLOCK_M or (64 if INTERPRET else 1)
+    # Interpreter: many tokens per program (interpreter_rows), since its cost is per program and per op.
     BLOCK_K = BLOCK_K or max(2, min(triton.next_power_of_2(K), 4096 if INTERPRET else 16384))
+    BLOCK_M = BLOCK_M or (interpreter_rows(M, BLOCK_K) if INTERPRET else 1)
     num_warps = max(4, min(16, BLOCK_M * BLOCK_K // 1024))
     grid = (triton.cdiv(M, BLOCK_M),)
     _act_quant_kernel[grid](x2, q, scale,

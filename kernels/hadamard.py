@@ -53,7 +53,7 @@ import triton.language as tl
 
 from qvlm.errors import QVLMError
 
-from ._common import INTERPRET, check_launch, pack_nibbles, round_half_even, upcast_bf16
+from ._common import INTERPRET, check_launch, interpreter_rows, pack_nibbles, round_half_even, upcast_bf16
 from .act_quant import EPS, act_quant
 from .act_quant import _check as _check_act
 
@@ -256,9 +256,8 @@ def _launch_args(x: torch.Tensor, base: torch.Tensor | None, BLOCK_M: int | None
     min_rows = max(1, 16 // plan["M_PAD"])                                   # stage 1's MMA needs >= 16 tile rows
     if BLOCK_M is None:
         # GPU: ~8K fp32 values per program (no spills at 4-8 warps), but not more rows than there are tokens.
-        # Interpreter: its cost is per program and per op, so up to 64 rows per program.
-        cap = 64 if INTERPRET else max(1, 8192 // row)
-        BLOCK_M = min(cap, triton.next_power_of_2(max(M, 1)))
+        # Interpreter: its cost is per program and per op, so many rows per program (interpreter_rows).
+        BLOCK_M = interpreter_rows(M, row) if INTERPRET else min(max(1, 8192 // row), triton.next_power_of_2(max(M, 1)))
     if BLOCK_M & (BLOCK_M - 1):
         raise QVLMError(f"hadamard: BLOCK_M={BLOCK_M} is not a power of two", "pass a power of two or None")
     BLOCK_M = max(BLOCK_M, min_rows)

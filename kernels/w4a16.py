@@ -31,7 +31,8 @@ import triton.language as tl
 
 from qvlm.errors import QVLMError
 
-from ._common import check_2d, check_launch, m_bucket, tile_offsets, unpack_nibbles, upcast_bf16
+from ._common import (check_2d, check_launch, interpreter_block, m_bucket, tile_offsets, unpack_nibbles,
+                      upcast_bf16)
 from .pack import unpack_int4_ref
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -131,7 +132,7 @@ def _w4a16_kernel(
 
 _w4a16_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "group_size"])(_w4a16_kernel)
 
-DEFAULT_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}   # untuned launches (interpreter: big tiles, few programs)
+DEFAULT_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}   # fills in a partial `block`
 
 
 def _check(x, qweight, scale, zero_point, symmetric):
@@ -158,7 +159,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
                  symmetric: bool = True, block: dict | None = None) -> torch.Tensor:
     """Triton W4A16: x (..., K) @ dequant(qweight (N, K/2) uint8, scale/zero_point (N, G)).T -> (..., N) in x.dtype.
     `block` fixes the tile sizes (BLOCK_M/N/K, GROUP_M); by default CUDA autotunes and the interpreter uses
-    DEFAULT_BLOCK."""
+    _common.interpreter_block."""
     M, N, K, group_size = _check(x, qweight, scale, zero_point, symmetric)
     check_launch(x, qweight, scale)
     x2 = x.reshape(M, K)
@@ -176,7 +177,8 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     if block is None and x.is_cuda:
         _w4a16_tuned[grid](*args, **flags)
     else:
-        _w4a16_kernel[grid](*args, **flags, **{**DEFAULT_BLOCK, **(block or {})})
+        b = block if block is not None else interpreter_block(M, N, K, group_size)   # interpreter: big tiles
+        _w4a16_kernel[grid](*args, **flags, **{**DEFAULT_BLOCK, **b})
     return out.reshape(*x.shape[:-1], N)
 
 

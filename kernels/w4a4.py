@@ -34,8 +34,8 @@ import triton.language as tl
 
 from qvlm.errors import QVLMError
 
-from ._common import (check_2d, check_launch, m_bucket, rescale_group, store_int_gemm, tile_offsets,
-                      unpack_nibbles)
+from ._common import (check_2d, check_launch, interpreter_block, m_bucket, rescale_group, store_int_gemm,
+                      tile_offsets, unpack_nibbles)
 from .pack import unpack_int4_ref
 from .w8a8 import OUT_DTYPES
 
@@ -121,7 +121,7 @@ def _w4a4_kernel(
 _w4a4_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "group_size"],
                               prune_configs_by={"early_config_prune": _prune})(_w4a4_kernel)
 
-DEFAULT_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}  # untuned launches (interpreter: big tiles, few programs)
+DEFAULT_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}   # fills in a partial `block`
 
 
 def _block_for(block: dict | None, group_size: int, K: int) -> dict:
@@ -174,7 +174,8 @@ def _launch(a_p, a_scale, w_p, w_scale, w_zero, symmetric, out, raw, block):
                             "use per-channel weights or a group size like 64 / 128")
         _w4a4_tuned[grid](*args, **flags)
     else:
-        _w4a4_kernel[grid](*args, **flags, **_block_for(block, group_size, K))
+        b = block if block is not None else interpreter_block(M, N, K, group_size)   # interpreter: big tiles
+        _w4a4_kernel[grid](*args, **flags, **_block_for(b, group_size, K))
     return out
 
 

@@ -30,7 +30,8 @@ import triton.language as tl
 
 from qvlm.errors import QVLMError
 
-from ._common import check_2d, check_launch, m_bucket, rescale_group, store_int_gemm, tile_offsets
+from ._common import (check_2d, check_launch, interpreter_block, m_bucket, rescale_group, store_int_gemm,
+                      tile_offsets)
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_BLOCK_K = 32          # NVIDIA int8 MMA: K >= 32 per tl.dot
@@ -112,7 +113,7 @@ def _w8a8_kernel(
 _w8a8_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "group_size"],
                               prune_configs_by={"early_config_prune": _prune})(_w8a8_kernel)
 
-DEFAULT_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}   # untuned launches (interpreter: big tiles, few programs)
+DEFAULT_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}   # fills in a partial `block`
 
 
 def _block_for(block: dict | None, group_size: int, K: int) -> dict:
@@ -148,7 +149,8 @@ def _launch(a_q, a_scale, w_q, w_scale, w_zero, out, raw, block):
                             "use per-channel weights or a group size like 64 / 128")
         _w8a8_tuned[grid](*args, **flags)
     else:
-        _w8a8_kernel[grid](*args, **flags, **_block_for(block, group_size, K))
+        b = block if block is not None else interpreter_block(M, N, K, group_size)   # interpreter: big tiles
+        _w8a8_kernel[grid](*args, **flags, **_block_for(b, group_size, K))
     return out
 
 

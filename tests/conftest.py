@@ -15,6 +15,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def pytest_collection_modifyitems(config, items):
+    # the notebooks first: under pytest-xdist (make test: --dist loadfile --no-loadscope-reorder) their file is one
+    # worker's chain of ~10 minutes, so it starts at once while the other worker takes the unit tests
+    items.sort(key=lambda item: "notebooks" not in item.keywords)        # stable: the order within each stays
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

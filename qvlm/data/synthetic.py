@@ -21,6 +21,8 @@ the same seed always gives the same images, questions and answers, and the split
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
@@ -115,8 +117,15 @@ def describe(objs) -> str:
 
 def generate(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
     """Deterministic samples for `split`: dicts with image (H, W, 3) uint8, question, choices, answer, category,
-    split, id, caption. Categories are balanced (round-robin)."""
+    split, id, caption. Categories are balanced (round-robin). Up to MEMO_MAX samples are memoised per
+    (split, n, seed) (experiments draw the same calibration pool and eval prefix run after run): every call returns
+    fresh dicts; their images are shared read-only arrays."""
     n = SPLITS[split] if n is None else n
+    made = _memo(split, n, seed) if n <= MEMO_MAX else _generate(split, n, seed)
+    return [dict(s, choices=list(s["choices"])) for s in made]
+
+
+def _generate(split: str, n: int, seed: int) -> tuple[dict, ...]:
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
     out = []
     i = 0
@@ -127,10 +136,15 @@ def generate(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
         if q is None:
             continue
         question, choices, answer = q
+        img.setflags(write=False)
         out.append(dict(id=f"{split}-{len(out)}", image=img, question=question, choices=choices, answer=int(answer),
                         category=category, split=split, caption=describe(objs)))
         i += 1
-    return out
+    return tuple(out)
+
+
+MEMO_MAX = 2000
+_memo = functools.lru_cache(maxsize=8)(_generate)
 
 
 def vocabulary() -> list[str]:

@@ -35,11 +35,6 @@ from ..errors import QVLMError
 
 ACT_TENSORS = ("input_scale", "a_scale", "a_zero_point", "a_clip")    # optional QuantLinear tensors carried over
 ACT_QUANTIZERS = ("token", "clip", "static", "tensor")    # token = dynamic per-token symmetric: the act_quant kernel
-# Tiles for Triton's CPU interpreter, whose cost is per program and per op, not per element: 512 x 256 output tiles
-# run a testbed layer ~20x faster than the GPU-sized defaults (kernels/*.DEFAULT_BLOCK). Ragged edges are still
-# masked (M is rarely a multiple of 512). BLOCK_K stays each kernel's default, which it shrinks to divide the group
-# size. On CUDA the kernels autotune and this is not used.
-INTERPRETER_BLOCK = {"BLOCK_M": 512, "BLOCK_N": 256}
 _KERNELS = {"on": True}             # reference_backend() turns the Triton launches off (same integers, plain torch)
 
 
@@ -122,19 +117,18 @@ class DeployedLinear(PackedLinear):
         return hadamard(x2, base) if launch and hadamard_supported(self.in_features, base) else fwht(x2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """PackedLinear.forward's dispatch, plus input_scale, the torch activation quantizers and, in the
-        interpreter, big tiles (INTERPRETER_BLOCK): the same kernels, same integers."""
+        """PackedLinear.forward's dispatch, plus the online rotation, input_scale and the torch activation
+        quantizers: the same kernels, same integers."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)                                    # (M, K)
         launch = can_launch(x2) and _KERNELS["on"]
-        block = INTERPRETER_BLOCK if launch and not x2.is_cuda else None        # None: autotune on CUDA
         if self.input_transform == "hadamard":                                  # online rotation (weight holds W H)
             x2 = self.rotate(x2)
         if self.input_scale is not None:
             x2 = x2 / self.input_scale.to(x2.dtype)              # smoothing (weight holds W * input_scale)
         zp = None if self.symmetric else self.zero_point
         if self.mode == "w4a16":
-            y = (w4a16_matmul(x2, self.qweight, self.scale, zp, self.symmetric, block=block) if launch
+            y = (w4a16_matmul(x2, self.qweight, self.scale, zp, self.symmetric) if launch
                  else w4a16_ref(x2, self.qweight, self.scale, zp, self.symmetric))
         else:
             pack = self.mode == "w4a4"                                          # int4 codes two per byte
@@ -143,17 +137,15 @@ class DeployedLinear(PackedLinear):
                 q, a_scale = self.act_codes(x2)
                 a = pack_int4(q, signed=True) if pack else q
             elif launch:
-                a, a_scale = act_quant(x2, self.a_bits, pack=pack,
-                                       BLOCK_M=INTERPRETER_BLOCK["BLOCK_M"] if block else None, **kw)
+                a, a_scale = act_quant(x2, self.a_bits, pack=pack, **kw)
             else:
                 a, a_scale = act_quant_ref(x2, self.a_bits, pack=pack, **kw)
             if pack:
                 y = (w4a4_matmul if launch else w4a4_ref)(a, a_scale, self.qweight, self.scale, zp,
-                                                          self.symmetric, out_dtype=x.dtype,
-                                                          **({"block": block} if launch else {}))
+                                                          self.symmetric, out_dtype=x.dtype)
             else:
                 y = (w8a8_matmul if launch else w8a8_ref)(a, a_scale, self.qweight, self.scale, zp,
-                                                          out_dtype=x.dtype, **({"block": block} if launch else {}))
+                                                          out_dtype=x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)

@@ -21,7 +21,7 @@ from ..core import quant
 from ..errors import QVLMError
 from ..models import llava
 from ..paths import RESULTS_DIR
-from .layer import INTERPRETER_BLOCK
+
 
 def kernel_checks(M: int = 37, N: int = 96, K: int = 256, group_size: int = 64, seed: int = 0,
                   device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict]:
@@ -89,10 +89,8 @@ def integer_accumulator(fake_layer, packed_layer, x: torch.Tensor) -> tuple[torc
     x = fake_layer.prepare_input(x)
     pack = packed_layer.mode == "w4a4"
     if kn.can_launch(x):
-        block = INTERPRETER_BLOCK if not x.is_cuda else None
-        a, _ = kn.act_quant(x, packed_layer.a_bits, pack=pack, BLOCK_M=block["BLOCK_M"] if block else None)
-        acc = (kn.w4a4_int32(a, packed_layer.qweight, True, block=block) if pack
-               else kn.w8a8_int32(a, packed_layer.qweight, block=block))
+        a, _ = kn.act_quant(x, packed_layer.a_bits, pack=pack)           # default tiles (CUDA: autotuned)
+        acc = kn.w4a4_int32(a, packed_layer.qweight, True) if pack else kn.w8a8_int32(a, packed_layer.qweight)
     else:
         a, _ = kn.act_quant_ref(x, packed_layer.a_bits, pack=pack)
         acc = kn.w4a4_int32_ref(a, packed_layer.qweight, True) if pack else kn.w8a8_int32_ref(a, packed_layer.qweight)

@@ -24,6 +24,17 @@ def test_synthetic_is_deterministic_and_splits_disjoint():
         not np.array_equal(synthetic.generate("train", 50, seed=1)[0]["image"], a[0]["image"])
 
 
+def test_synthetic_memo_hands_out_fresh_samples_of_the_same_data():
+    made = synthetic._generate("val", 20, 0)                          # what generate memoises
+    a = synthetic.generate("val", 20)
+    a[0]["question"], a[1]["choices"][0] = "edited", "edited"           # a caller's edits stay with its copy
+    b = synthetic.generate("val", 20)
+    assert b[0]["question"] == made[0]["question"] != "edited" and b[1]["choices"] == made[1]["choices"]
+    assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(b, made))
+    with pytest.raises(ValueError):                                    # images are shared, so they are read-only
+        b[2]["image"][0, 0, 0] = 1
+
+
 def test_synthetic_format_and_chance():
     s = synthetic.generate("test", 200)
     assert {x["category"] for x in s} == set(synthetic.CATEGORIES)
