@@ -105,7 +105,8 @@ class QVLMConfig(ReconConfig):
 
     def veo_config(self, batch_size: int = 8) -> veo.VEOConfig:
         return veo.VEOConfig(eta=self.eta, eta_mode=self.eta_mode, anchor=self.veo_anchor, iters=self.veo_iters,
-                             lr=self.veo_lr,                             encoder_params=self.encoder_params, n_last=self.n_last, tokens=self.veo_tokens,
+                             lr=self.veo_lr,
+                             encoder_params=self.encoder_params, n_last=self.n_last, tokens=self.veo_tokens,
                              guard=self.guard, batch_size=batch_size)
 
 

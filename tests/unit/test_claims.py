@@ -99,6 +99,25 @@ def test_partition_claim():
     assert C.claim_partition({"partitions_steps": partitions(0.9)})["verdict"] == NM        # budget mode not run
 
 
+def test_partition_claim_at_equal_compute_compares_cost_with_layerwise():
+    m = {"partitions_steps": partitions(0.9), "partitions_budget": partitions(0.9), "budget_unit": "compute"}
+    assert C.claim_partition(m)["verdict"] == R                       # 500 passes vs layer-wise 800
+    dear = partitions(0.9)
+    dear[0].update(linear_passes_mean=800 * (1 + C.COMPUTE_TOL) + 1)  # Q-VLM row above layer-wise's compute
+    assert C.claim_partition(dict(m, partitions_budget=dear))["verdict"] == NR
+    assert C.claim_partition(dict(m, budget_unit="steps", partitions_budget=dear))["verdict"] == R   # vs whole: 841 < 900
+
+
+def test_budget_spent():
+    rows = [dict(variant=C.LAYERWISE, seed=s, steps=40, linear_passes=1000) for s in (0, 1)]
+    rows += [dict(variant=C.QVLM_PARTITION, seed=s, steps=30, linear_passes=1000 + 30 * s) for s in (0, 1)]
+    assert C.budget_spent(rows, 40, "compute") and not C.budget_spent(rows, 40, "steps")
+    assert C.budget_spent(rows[:2], 40, "steps")
+    rows[-1]["linear_passes"] = 1000 * (1 + C.COMPUTE_TOL) + 1
+    assert not C.budget_spent(rows, 40, "compute")
+    assert not C.budget_spent(rows[2:], 40, "compute")                # no layer-wise reference row
+
+
 def m04(hb, ha, fp_before=0.9, fp_after=0.9, acc=(0.85, 0.86), blocks=(10, 12)):
     abl = summary([(None, C.CDM, acc[0], 0.002), (None, C.CDM_VEO, acc[1], 0.002)])
     for x, b in zip(abl, blocks):
