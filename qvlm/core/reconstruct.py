@@ -20,7 +20,8 @@ API
 
     returns   dict(loss_rtn, loss, reverted, iters, seconds): the objective (mean over valid tokens of the
               squared error summed over channels, hard rounding) at RTN and after learning. If learning did not
-              lower it, every learned tensor is reset to its RTN start (reverted=True): never worse than RTN.
+              lower it (or it is NaN), every learned tensor is reset to its start, the exact state `loss_rtn` was
+              measured in (reverted=True; `loss` == `loss_rtn` then): never worse than RTN.
 
 What is learned (each QuantLinear of the group), jointly with Adam:
     rounding    AdaRound offsets (Nagel et al. 2020, Eq. 21-24): W_hat = s * (clamp(floor(W/s) + h(alpha) + z) - z),
@@ -208,6 +209,7 @@ def reconstruct(qlinears: Sequence[QuantLinear], forward: Callable, inputs: Sequ
         return dict(loss_rtn=None, loss=None, reverted=False, iters=0, seconds=0.0)
     _observe(qlinears, forward, inputs, masks)
     loss_rtn = objective(forward, inputs, targets, masks)
+    rounding_start = [m.round_logits for m in qlinears]     # None: round-to-nearest, what loss_rtn measured
     with _learning(qlinears, cfg) as start:
         rounding = [m.round_logits for m in qlinears if m.round_logits is not None]
         groups = [{"params": rounding, "lr": cfg.lr}] if rounding else []
@@ -234,12 +236,11 @@ def reconstruct(qlinears: Sequence[QuantLinear], forward: Callable, inputs: Sequ
         for m in qlinears:
             m.round_mode = "hard"
         loss = objective(forward, inputs, targets, masks)
-        reverted = loss >= loss_rtn
-        if reverted:                                      # never worse than the RTN start
-            for m in qlinears:
-                if m.round_logits is not None:
-                    m.init_learned_rounding()
-                m.round_mode = "hard"
+        reverted = not loss < loss_rtn                    # a NaN loss is no improvement either
+        if reverted:                                      # never worse than the RTN start: back to it exactly
+            for m, start_logits in zip(qlinears, rounding_start):
+                m.set_tensor("round_logits", start_logits)   # not init_learned_rounding(): at a tie (frac = 0.5)
+                m.round_mode = "hard"                        # its h >= 0.5 rounds up where RTN rounds half to even
             for a, name, init in start.values():
                 getattr(a, name).data.copy_(init)
             loss = objective(forward, inputs, targets, masks)

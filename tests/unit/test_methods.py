@@ -101,6 +101,43 @@ def test_qdrop_option_runs_and_never_worse():
     assert st["loss"] <= st["loss_rtn"] and ql.act.drop_prob == 0.0
 
 
+def _tie_layer():
+    """A 4-bit layer whose RTN output is its own target (loss_rtn = 0, so learning cannot improve and must revert)
+    and whose weights sit on rounding ties: w / scale = k + 0.5, where round-half-to-even and h >= 0.5 differ."""
+    w = torch.tensor([[7.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, 0.2]] * 3) * 0.1       # per-row absmax 0.7: scale 0.1
+    lin = nn.Linear(8, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    ql = QuantLinear.from_linear(lin, QuantConfig(w_bits=4, a_bits=16))
+    xs = [torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with torch.no_grad():
+        ys = [ql(x) for x in xs]
+    return ql, xs, ys
+
+
+def test_revert_restores_rtn_exactly_at_rounding_ties():
+    ql, xs, ys = _tie_layer()
+    rtn_weight = ql.quant_weight().detach().clone()
+    torch.manual_seed(0)
+    st = reconstruct([ql], lambda x, i: ql(x), xs, ys, cfg=ReconConfig(iters=5))
+    assert st["loss_rtn"] == 0.0 and st["reverted"]
+    assert st["loss"] == st["loss_rtn"]                                  # the RTN start itself, not a near copy
+    assert ql.round_logits is None and torch.equal(ql.quant_weight(), rtn_weight)
+
+
+def test_nan_loss_is_reverted():
+    ql, xs, ys = _tie_layer()
+    calls = {"n": 0}
+    after_learning = range(len(xs) + 2, 2 * len(xs) + 2)   # calls: loss_rtn (len(xs)), 1 step, then the final objective
+
+    def forward(x, i):               # NaN exactly in the objective measured after learning
+        calls["n"] += 1
+        y = ql(x)
+        return y * float("nan") if calls["n"] in after_learning else y
+    st = reconstruct([ql], forward, xs, [y + 0.01 for y in ys], cfg=ReconConfig(iters=1))
+    assert st["reverted"] and st["loss"] == st["loss_rtn"]
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [0, 16])
 def test_gptq_lowers_layer_objective_vs_rtn(group_size, act_order):
