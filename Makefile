@@ -43,8 +43,8 @@ test-notebooks: $(STAMP)
 
 PRESET  ?= cpu
 
-reproduce: $(STAMP)
-	$(PY) -m qvlm.reproduce --mode full --preset $(PRESET)
+reproduce: $(STAMP)   # --resume: a stopped run picks up the searches it finished (results/rows/, same code only)
+	$(PY) -m qvlm.reproduce --mode full --preset $(PRESET) --resume
 
 update-reference: $(STAMP)
 	$(PY) -m qvlm.reproduce --mode smoke --update-reference

@@ -28,21 +28,22 @@ from qvlm.config import MODES, PRESET_NAMES, parse_settings, resolve
 from qvlm.errors import QVLMError
 from qvlm.evaluate import chance_accuracy, majority_accuracy
 from qvlm.models import llava
-from qvlm.paths import RESULTS_DIR
-from qvlm.report.publish import code_version   # on smol W4A4 an fp32 summation-order change moves a seed by points
+from qvlm.paths import RESULTS_DIR, ROWS_DIR
+from qvlm.provenance import code_version   # on smol W4A4 an fp32 summation-order change moves a seed by points
 from qvlm.report.stats import order, pm, summarize
 from qvlm.utils import atomic_write_json, atomic_write_text
 
 
 def run(model_name="smol", dataset="tiny", method_names=None, settings="", seeds=None, mode="full",
         preset="cpu", budget="auto", n_eval=-1, transform="none", device="cpu", progress=True, scope="",
-        w_clip="", knobs: dict | None = None) -> dict:
+        w_clip="", knobs: dict | None = None, cache=None) -> dict:
     """Quantize + evaluate every (method, setting, seed); returns the JSON-able results. `scope`: a comma-separated
     subset of vision,projector,llm to quantize (the rest stays FP: which part loses the accuracy); "" = all.
     `w_clip`: how every method's weight ranges are chosen (QuantConfig.w_clip); "" = the QuantConfig default.
     `knobs`: method options on top of the preset's (qvlm.experiments.grid hands each method its own).
     `settings` "": the table's (qvlm.experiments.TABLE_SETTINGS), where the cpu preset runs the learned searches only
-    at CORE_SETTINGS (experiments.table_cell); settings given explicitly run for every method."""
+    at CORE_SETTINGS (experiments.table_cell); settings given explicitly run for every method.
+    `cache`: a row-cache directory (experiments.RowCache): finished runs are stored there, stored ones read back."""
     code = code_version()                       # at the start: the code that ran, even if files change meanwhile
     cfg = resolve(mode, preset=preset, model=model_name, dataset=dataset, n_eval=n_eval, notebook="bench")
     names = [experiments.variant(n)["label"] for n in (method_names or experiments.table_methods())]
@@ -64,7 +65,8 @@ def run(model_name="smol", dataset="tiny", method_names=None, settings="", seeds
     dropped = [f"{n} {q.setting}" for q in qcfgs for n in names
                if keep and not keep(experiments.variant(n)["method"], q)]
     rows = experiments.grid(model, processor, names, qcfgs, seeds, knobs=knobs, eval=ev, keep=keep,
-                            calib=cfg.calib(), transform=transform, model_name=model_name, progress=progress)
+                            calib=cfg.calib(), transform=transform, model_name=model_name, progress=progress,
+                            cache=cache)
     ok = [r for r in rows if "error" not in r]
     summary = summarize(ok).to_dict("records") if ok else []
     return dict(model=model_name, dataset=dataset, n_eval=fp["n_eval"], fp_accuracy=fp["accuracy"],
@@ -178,6 +180,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS_DIR / "bench"), help="directory for accuracy.md / accuracy.json "
                                                                      "(results/published/bench/NAME: committed, in the README)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true", help="store every finished run in results/rows/ and read back "
+                   "the ones stored there by an earlier run of the same code (qvlm.experiments.RowCache; notebooks "
+                   "run with `qvlm.reproduce --resume` share them)")
     chosen = [n.split("+")[0] for n in (cli.selected_methods(argv) or experiments.table_methods())]
     cli.add_method_knobs(p, [n for n in dict.fromkeys(chosen) if n in methods.METHODS] or ["rtn"], skip=("budget",))
     args = p.parse_args(argv)
@@ -187,7 +192,7 @@ def main(argv=None) -> int:
         res = run(args.model, args.dataset, [n for n in args.methods.split(",") if n], args.settings,
                   [int(s) for s in args.seeds.split(",") if s.strip()] or None, args.mode, args.preset, args.budget,
                   args.limit, args.transform, args.device, not args.no_progress, args.scope, args.w_clip,
-                  cli.knobs_from_args(args))
+                  cli.knobs_from_args(args), ROWS_DIR if args.resume else None)
     except QVLMError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2

@@ -35,7 +35,8 @@ from qvlm.method.pipeline import QVLMConfig
 from qvlm.paths import RESULTS_DIR
 from bench.accuracy import code_line
 from qvlm.report import plots
-from qvlm.report.publish import code_version, compress_png
+from qvlm.provenance import code_version
+from qvlm.report.publish import compress_png
 from qvlm.report.stats import pm
 from qvlm.utils import atomic_write_json, atomic_write_text
 

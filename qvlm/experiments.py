@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import os
+import pickle
 from pathlib import Path
 
 import pandas as pd
@@ -47,6 +50,7 @@ from .deploy.verify import LOCAL_ROWS, integer_accumulator, twin_check
 from .errors import QVLMError
 from .evaluate import evaluate, predict
 from .models import llava
+from .provenance import code_hash
 from .utils import seed_everything
 
 
@@ -117,6 +121,57 @@ def row_key(row: dict) -> tuple:
     """run_key of a finished row."""
     return run_key(row["method"], row["transform"], row["setting"], row["seed"], row["knobs"], row["info"]["calib"],
                    row["n_eval"])
+
+
+ROW_CACHE_ENV = "QVLM_ROW_CACHE"   # a directory: grid() keeps every finished row there and reuses it (resume);
+                                  # `python -m qvlm.reproduce --resume` and `bench.accuracy --resume` set it
+
+
+class RowCache:
+    """Finished grid rows on disk, so that a run of hours (notebook 05 on 2 cores) resumes where it was stopped
+    instead of starting over. One file per row, written atomically: <root>/<code hash[:16]>/<key>.pkl, pickled (the
+    row comes back exactly, tuples and all). The key is everything that decides the row's numbers: the code (package
+    + kernels hash: any edit starts a new directory, so a row of other code is never reused), the FP model's
+    fingerprint, torch's version and thread count, the evaluation config, the run's planned_key and the other
+    run_one arguments (transform, calibration, deploy ...). A reused row carries `resumed_from` = its file."""
+
+    def __init__(self, root, model: nn.Module):
+        self.dir = self.code_dir(root)
+        fp = fingerprint(model)
+        self.model = hashlib.sha256(repr(sorted(fp.items())).encode()).hexdigest()
+
+    @staticmethod
+    def code_dir(root) -> Path:
+        """Where the rows of the code as it is now live under `root`."""
+        return Path(root) / code_hash()[:16]
+
+    @classmethod
+    def count(cls, root) -> int:
+        """Rows stored under `root` for the code as it is now."""
+        return len(list(cls.code_dir(root).glob("*.pkl")))
+
+    def key(self, planned: tuple, eval: EvalConfig, run_kw: dict) -> str:
+        what = (self.model, torch.__version__, torch.get_num_threads(), repr(eval), planned,
+                sorted((k, repr(v)) for k, v in run_kw.items()))
+        return hashlib.sha256(repr(what).encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> dict | None:
+        path = self.dir / f"{key}.pkl"
+        if not path.is_file():
+            return None
+        return dict(pickle.loads(path.read_bytes()), resumed_from=str(path))
+
+    def put(self, key: str, row: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{key}.{os.getpid()}.tmp"
+        tmp.write_bytes(pickle.dumps(row))
+        os.replace(tmp, self.dir / f"{key}.pkl")                # atomic: a killed run leaves no half row
+
+
+def row_cache(model: nn.Module, root=None) -> RowCache | None:
+    """The cache grid() uses: `root`, else the directory in $QVLM_ROW_CACHE, else none."""
+    root = root or os.environ.get(ROW_CACHE_ENV, "")
+    return RowCache(root, model) if root else None
 
 
 def run_one(model: nn.Module, processor, method: str, setting, seed: int = 0, *, calib: CalibConfig | None = None,
@@ -245,18 +300,21 @@ def variant(method: str, label: str = "", transform: str | None = None, **knobs)
 
 def grid(model: nn.Module, processor, method_names: list, settings: list, seeds=(0,), *,
          knobs: dict | None = None, eval: EvalConfig | None = None, progress: bool = True,
-         reuse: list[dict] | None = None, keep=None, **kw) -> list[dict]:
+         reuse: list[dict] | None = None, keep=None, cache=None, **kw) -> list[dict]:
     """run() over every (setting, method): `method_names` holds method names (each gets the `knobs` its config has)
     or `variant(...)` dicts (a label, a method and its own knobs on top of `knobs`). The FP model is evaluated once
     per setting ('fp' is not repeated per seed: nothing random enters it). A variant that cannot run a setting
     leaves a row with `error` (shown, not hidden). Rows carry `variant` = the label. `reuse`: rows of earlier
     grids; a run whose run_key equals one of theirs is that row again (relabelled, `reused_from` = its variant),
     not a second search (e.g. a sweep point that is the main variant). `keep(method, qcfg)`: which cells run
-    (default all; table_cell(preset) drops the learned searches' deployment-only settings on the cpu preset)."""
+    (default all; table_cell(preset) drops the learned searches' deployment-only settings on the cpu preset).
+    `cache`: a RowCache directory (default $QVLM_ROW_CACHE; none when unset): finished rows are stored there and a
+    run already stored is read back instead of searched again (`resumed_from` names the file)."""
     variants = [v if isinstance(v, dict) else variant(v) for v in method_names]
     check_knobs([v["method"] for v in variants], knobs)
     eval = eval or EvalConfig()
     samples = eval_samples(eval)
+    store = row_cache(model, cache)
     done = {row_key(r): r for r in reuse or [] if "error" not in r and "info" in r}
     rows = []
     todo = [(q, v) for q in map(setting_of, settings) for v in variants if keep is None or keep(v["method"], q)]
@@ -270,14 +328,20 @@ def grid(model: nn.Module, processor, method_names: list, settings: list, seeds=
                 rows.append(dict(first, seed=seed, replicated_from=first["seed"]))   # nothing random enters it
                 continue
             vknobs = {**(knobs or {}), **v["knobs"]}
-            hit = done.get(planned_key(v["method"], vkw["transform"], qcfg, seed, vknobs, vkw.get("calib"), len(samples)))
+            planned = planned_key(v["method"], vkw["transform"], qcfg, seed, vknobs, vkw.get("calib"), len(samples))
+            hit = done.get(planned)
             if hit is not None:
                 first = first or dict(hit, variant=v["label"])
                 rows.append(dict(hit, variant=v["label"], reused_from=hit["variant"]))
                 continue
+            stored_as = store.key(planned, eval, vkw) if store else None
+            row = store.get(stored_as) if store else None
             try:
-                row = run_one(model, processor, v["method"], qcfg, seed, knobs=vknobs,
-                              eval=eval, samples=samples, **vkw)
+                if row is None:
+                    row = run_one(model, processor, v["method"], qcfg, seed, knobs=vknobs,
+                                  eval=eval, samples=samples, **vkw)
+                    if store:
+                        store.put(stored_as, row)
             except QVLMError as e:
                 rows.append(dict(variant=v["label"], method=v["method"], setting=qcfg.setting, seed=seed,
                                  error=str(e)))

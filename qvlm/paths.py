@@ -5,6 +5,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"
 TINY_DIR = DATA_DIR / "tiny"            # the shipped testbed checkpoint (save_pretrained layout)
 RESULTS_DIR = REPO_ROOT / "results"
+ROWS_DIR = RESULTS_DIR / "rows"          # finished grid rows kept for resuming (qvlm.experiments.RowCache)
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 

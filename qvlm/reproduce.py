@@ -20,10 +20,12 @@ import papermill as pm
 import torch
 
 from .errors import QVLMError
-from .paths import REPO_ROOT, RESULTS_DIR, notebooks
+from .experiments import ROW_CACHE_ENV, RowCache
+from .paths import REPO_ROOT, RESULTS_DIR, ROWS_DIR, notebooks
 from .config import PRESET_NAMES
 from .report.claims import UPSTREAM, missing_upstream, upstream_dir
-from .report.publish import code_version, publish as publish_notebooks
+from .provenance import code_version
+from .report.publish import publish as publish_notebooks
 from .utils import atomic_write_json
 
 REFERENCE_DIR = REPO_ROOT / "tests" / "reference"
@@ -38,13 +40,31 @@ FULL_CELL_TIMEOUT = 8 * 3600   # seconds per cell in full mode: one cell of 03 /
                                # each evaluated on 500 test samples -- hours on 2 CPU cores (one hour was too short)
 
 
+# Smoke-mode values of parameters whose full-mode default alone would take a notebook's smoke run past its 90 s
+# budget (tests/test_notebooks.py). Every smoke run through `run_notebook` gets them -- the tests, `reproduce --mode
+# smoke` and notebook 07's upstream runs alike -- so the pinned references and the timed runs are one smoke run.
+SMOKE_PARAMETERS = {
+    "04_encoder_disentangling": {"ETAS": "0,1"},        # η sweep: one new η (0 = L_AR alone) beside ETA = 1, which
+                                                        # reuses the +VEO ablation row; the full sweep has four
+    "06_triton_deployment": {"METHODS": "rtn,qvlm"},    # fake-vs-packed: one cheap and one learned method per kernel
+}                                                       # family, each packed model run in the Triton interpreter
+
+
+def notebook_parameters(nb: Path, mode: str, out_dir: Path, parameters: dict | None = None) -> dict:
+    """What papermill injects: the smoke values above (smoke mode), then the caller's `parameters` (they win), then
+    MODE and OUT_DIR."""
+    smoke = SMOKE_PARAMETERS.get(nb.stem, {}) if mode == "smoke" else {}
+    return {**smoke, **(parameters or {}), "MODE": mode, "OUT_DIR": str(out_dir)}
+
+
 def run_notebook(nb: Path, mode: str, out_dir: Path, executed: Path, timeout: int = FULL_CELL_TIMEOUT,
                  parameters: dict | None = None, progress: bool = False) -> dict:
-    """Execute one notebook with papermill (MODE, OUT_DIR injected, plus any other `parameters`, e.g. notebook
-    07's SOURCES); returns its metrics.json content. `progress`: papermill's per-cell progress bar."""
+    """Execute one notebook with papermill (`notebook_parameters`: MODE, OUT_DIR, smoke sizes, plus any other
+    `parameters`, e.g. notebook 07's SOURCES); returns its metrics.json content. `progress`: papermill's per-cell
+    progress bar."""
     os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
     executed.parent.mkdir(parents=True, exist_ok=True)
-    params = {**(parameters or {}), "MODE": mode, "OUT_DIR": str(out_dir)}
+    params = notebook_parameters(nb, mode, out_dir, parameters)
     pm.execute_notebook(str(nb), str(executed), parameters=params,
                         kernel_name="python3", cwd=str(REPO_ROOT), execution_timeout=timeout, progress_bar=progress)
     return json.loads((out_dir / "metrics.json").read_text())
@@ -101,7 +121,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="", help="MODEL for every notebook ('' = each notebook's default: smol)")
     ap.add_argument("--only", default="", help="comma-separated notebook numbers, e.g. 00,05")
     ap.add_argument("--update-reference", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help=f"keep every finished search of the notebooks' grids in {ROWS_DIR.relative_to(REPO_ROOT)}/ and "
+                         "reuse the ones a stopped run of the same code stored there (the executed notebook says "
+                         "which rows it read back: resumed_from)")
     args = ap.parse_args(argv)
+    if args.resume:
+        os.environ[ROW_CACHE_ENV] = str(ROWS_DIR)             # the notebook kernels inherit it
     if args.update_reference and not args.model:
         args.model = "tiny"                                  # the pinned smoke references are tiny's
     params = {"PRESET": args.preset, **({"MODEL": args.model} if args.model else {})}
@@ -111,6 +137,8 @@ def main(argv=None) -> int:
         print(f"[reproduce] {nb.name} ({args.mode}, {params}) ...", flush=True)
         out_dir = RESULTS_DIR / nb.stem / args.mode
         versions[nb.stem] = code_version()                   # what the kernel imports: the code as it starts
+        if args.resume:                                      # its runtime below is then this run's, not the whole
+            versions[nb.stem]["stored_rows_at_start"] = RowCache.count(ROWS_DIR)
         m = run_notebook(nb, args.mode, out_dir, executed_path(nb, args.mode), progress=True, parameters=params)
         if code_version()["code_hash"] != versions[nb.stem]["code_hash"]:
             print(f"[reproduce] warning: qvlm/ or kernels/ changed while {nb.name} ran; it is published with the "

@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+os.environ.pop("QVLM_ROW_CACHE", None)   # a user's row cache (qvlm.experiments.RowCache) must not answer the tests' runs
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

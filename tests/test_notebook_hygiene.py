@@ -8,6 +8,7 @@ import papermill as pm
 import pytest
 
 from qvlm.paths import KERNELSPEC, LANGUAGE_INFO, REPO_ROOT, notebooks
+from qvlm.reproduce import SMOKE_PARAMETERS, notebook_parameters
 
 NBS = notebooks()
 
@@ -53,6 +54,21 @@ def test_hygiene(nb):
     # which silently drops the parameter from `papermill --help-notebook` and warns on every run)
     parsed = set(pm.inspect_notebook(str(nb)))
     assert parsed == names, f"{nb.name}: papermill cannot parse parameters {sorted(names - parsed)}"
+
+
+def test_smoke_parameters_name_real_parameters():
+    """A renamed or retyped parameter must not leave a smoke value that papermill would inject as a new variable."""
+    by_stem = {nb.stem: nb for nb in NBS}
+    for stem, values in SMOKE_PARAMETERS.items():
+        assert stem in by_stem, f"SMOKE_PARAMETERS names {stem}, which is not a notebook"
+        declared = pm.inspect_notebook(str(by_stem[stem]))
+        for name, value in values.items():
+            assert name in declared, f"{stem}: smoke parameter {name} is not in its parameters cell"
+            assert type(value).__name__ == declared[name]["inferred_type_name"], (stem, name, value)
+            nb = by_stem[stem]
+            assert notebook_parameters(nb, "smoke", REPO_ROOT)[name] == value
+            assert name not in notebook_parameters(nb, "full", REPO_ROOT)             # full mode keeps the default
+            assert notebook_parameters(nb, "smoke", REPO_ROOT, {name: "x"})[name] == "x"  # the caller's value wins
 
 
 def test_readme_maps_every_notebook():

@@ -100,3 +100,22 @@ def test_readme_tables_come_from_the_published_metrics(tmp_path, monkeypatch):
         json.dumps({"config": {"mode": "full"}, "metrics": {"accuracy": [row], "packed_backend": "reference"}}))
     text = "\n".join(readme.deploy_section())
     assert "| rtn | 28.5 / 26.0 (0.64) |" in text and "1.0e-06" in text
+
+
+def test_a_resumed_notebook_says_so_in_the_runtime_table(tmp_path, monkeypatch):
+    """`reproduce --resume` records how many stored rows existed when a notebook started; the README's runtime
+    table then does not present that run's seconds as the notebook's whole runtime."""
+    from qvlm.report import readme
+
+    monkeypatch.setattr(readme, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(readme, "PUBLISHED", tmp_path / "pub")
+    nb = notebooks()[0]
+    res = tmp_path / "results"
+    (res / "executed").mkdir(parents=True)
+    (res / "executed" / nb.name).write_text("{}")
+    (res / nb.stem / "full").mkdir(parents=True)
+    (res / nb.stem / "full" / "metrics.json").write_text(json.dumps({"config": {"model": "smol"}}))
+    started = dict(git_commit="1" * 40, code_hash="c", stored_rows_at_start=17)
+    publish.publish([nb], results=res, out=tmp_path / "pub", seconds={nb.stem: 12.0}, versions={nb.stem: started})
+    text = "\n".join(readme.runtime_section())
+    assert f"| `{nb.stem}` |" in text and "12.0 (resumed: 17 stored rows at its start) |" in text

@@ -23,19 +23,18 @@ import datetime
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from PIL import Image
 
-from ..paths import REPO_ROOT, RESULTS_DIR, notebooks
+from ..paths import RESULTS_DIR, notebooks
+from ..provenance import code_hash, git_commit
 from ..utils import atomic_write_json
 
 PUBLISHED = RESULTS_DIR / "published"
 SIZE_BUDGET = 10 * 2 ** 20           # bytes: executed notebooks + figures
 MAX_WIDTH = 1400                     # figures are downscaled to at most this many pixels wide
-CODE_DIRS = ("qvlm", "kernels")
 
 
 def source_cells(nb_path: Path) -> list[str]:
@@ -52,21 +51,6 @@ def notebook_hash(nb_path: Path) -> str:
     return hashlib.sha256("\n\0".join(source_cells(nb_path)).encode()).hexdigest()
 
 
-def code_hash(root: Path = REPO_ROOT) -> str:
-    """sha256 over every .py file of the package and the kernels (path + content), in sorted order."""
-    h = hashlib.sha256()
-    for d in CODE_DIRS:
-        for f in sorted((root / d).rglob("*.py")):
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def git_commit(root: Path = REPO_ROOT) -> str:
-    p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    return p.stdout.strip() if p.returncode == 0 else "unknown"
-
-
 def compress_png(src: Path, dst: Path) -> None:
     """A smaller copy of a matplotlib PNG: at most MAX_WIDTH wide, 256-colour palette."""
     im = Image.open(src).convert("RGB")
@@ -74,11 +58,6 @@ def compress_png(src: Path, dst: Path) -> None:
         im = im.resize((MAX_WIDTH, round(im.height * MAX_WIDTH / im.width)), Image.LANCZOS)
     dst.parent.mkdir(parents=True, exist_ok=True)
     im.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
-
-
-def code_version(root: Path = REPO_ROOT) -> dict:
-    """{git_commit, code_hash}: the code a result is computed with (uncommitted edits count in the hash)."""
-    return dict(git_commit=git_commit(root), code_hash=code_hash(root))
 
 
 def publish(notebooks: list[Path], mode: str = "full", seconds: dict | None = None, results: Path = RESULTS_DIR,

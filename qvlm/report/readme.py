@@ -138,7 +138,12 @@ def runtime_section() -> list[str]:
     stems = sorted(set(smoke) | set(full))
     out = ["### Runtime per notebook (2 CPU cores)", "", "| notebook | smoke (tiny), s | full (CPU preset), s |",
            "|---|---|---|"]
-    out += [f"| `{s}` | {smoke.get(s, '–')} | {full.get(s, '–')} |" for s in stems]
+    resumed = {k: e["stored_rows_at_start"] for k, e in man["notebooks"].items() if e.get("stored_rows_at_start")}
+    out += [f"| `{s}` | {smoke.get(s, '–')} | {full.get(s, '–')}"
+            + (f" (resumed: {resumed[s]} stored rows at its start)" if s in resumed else "") + " |" for s in stems]
+    if resumed:
+        out += ["", "Resumed (`python -m qvlm.reproduce --resume`): the seconds are the last run's; the searches it read "
+                    "back from results/rows/ were timed by the run that stored them (each row's `wall_s`, `cpu_s`)."]
     if full:
         done = f"{len(full)} of {len(stems)} notebooks" if len(full) < len(stems) else "every notebook"
         out += ["", f"`make reproduce` so far: {sum(full.values()) / 60:.0f} min ({done})."

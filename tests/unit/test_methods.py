@@ -364,3 +364,30 @@ def test_table_cells_drop_only_the_learned_searches_at_deployment_settings(monke
                         ran.append((method, qcfg.setting)) or dict(method=method, setting=qcfg.setting, seed=seed))
     experiments.grid(None, None, ["gptq", "qvlm+rotate"], ["W4A16", "W4A4"], [0], keep=cpu, progress=False)
     assert ran == [("gptq", "W4A16"), ("gptq", "W4A4"), ("qvlm", "W4A4")]
+
+
+def test_row_cache_resumes_a_stopped_grid(small, tmp_path, monkeypatch):
+    """grid(cache=DIR) stores every finished run; run again (a resumed run) it reads each back, exactly, instead of
+    searching; another seed, another FP model or other code is not a hit. $QVLM_ROW_CACHE names the default DIR."""
+    model, processor = small
+    kw = dict(eval=EvalConfig(n_eval=4, batch_size=4), calib=CAL, progress=False)
+    brecq = [experiments.variant("brecq", iters=3)]
+    first = experiments.grid(model, processor, brecq, ["W4A4"], [0, 1], cache=tmp_path, **kw)
+    assert experiments.RowCache.count(tmp_path) == 2
+    calls = []
+    monkeypatch.setattr(experiments, "run_one", lambda m, p, method, q, seed, **k: calls.append(seed) or
+                        dict(method=method, setting=q.setting, seed=seed, accuracy=0.0))
+    monkeypatch.setenv(experiments.ROW_CACHE_ENV, str(tmp_path))
+    again = experiments.grid(model, processor, brecq, ["W4A4"], [0, 1], **kw)      # the cache from the environment
+    assert calls == []
+    for a, b in zip(first, again):
+        assert b.pop("resumed_from").startswith(str(tmp_path)) and repr(b) == repr(a)   # info, tuples and all
+    experiments.grid(model, processor, brecq, ["W4A4"], [2], **kw)
+    assert calls == [2] and experiments.RowCache.count(tmp_path) == 3
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    experiments.grid(other, processor, brecq, ["W4A4"], [0], **kw)
+    monkeypatch.setattr(experiments, "code_hash", lambda: "f" * 64)
+    experiments.grid(model, processor, brecq, ["W4A4"], [0], **kw)
+    assert calls == [2, 0, 0] and experiments.RowCache.count(tmp_path) == 1     # the edited code's own directory
