@@ -10,7 +10,7 @@ from qvlm import cli, data, evaluate, methods
 from qvlm.core import units as U
 from qvlm.analysis import entropy as E
 from qvlm.core import hooks as H
-from qvlm.core.reconstruct import ReconConfig, budget_steps
+from qvlm.core.reconstruct import ReconConfig, allocate_compute, allocate_steps, budget_steps
 from qvlm.method import rounding as R
 from qvlm.config import CalibConfig, QuantConfig
 from qvlm.errors import QVLMError
@@ -128,12 +128,29 @@ def test_compute_budget_spends_the_layerwise_searchs_linear_steps():
     layers = [7, 7, 7]                                             # three layers of 7 linears: 30 * 7 = 210 linear-steps
     for groups in ([14, 7], [21], [7, 7, 7], [1] * 21):
         steps = budget_steps(cfg, groups, layers)
-        assert abs(sum(s * n for s, n in zip(steps, groups)) - 210) <= max(groups)      # up to one step's rounding
+        assert abs(sum(s * n for s, n in zip(steps, groups)) - 210) <= max(groups) / 2  # at most half a step
     assert budget_steps(cfg, [14, 7], layers) == [12, 6] and budget_steps(cfg, layers, layers) == [10, 10, 10]
     assert budget_steps(replace(cfg, budget_unit="steps"), [14, 7], layers) == [20, 10]
     assert budget_steps(replace(cfg, budget=0, iters=5), [14, 7], layers) == [5, 5]
     with pytest.raises(QVLMError, match="budget_unit"):
         ReconConfig(budget_unit="flops")
+
+
+def test_compute_budget_of_uneven_deep_blocks_stays_within_half_a_step():
+    """smol's one-block-per-part partition (vision 72, projector 2, LLM 210 linears) at 430 layer-wise steps: the
+    step counts rounded alone ([4, 0, 13]) overspent the layer-wise linear-steps by 4.6 %; rounded in linear-steps
+    the miss is a few linear-steps."""
+    layers = [6] * 12 + [2] + [7] * 30
+    cfg = ReconConfig(budget=430, budget_unit="compute")
+    target = sum(k * n for k, n in zip(budget_steps(cfg, layers, layers), layers))
+    assert budget_steps(cfg, layers, layers) == allocate_steps(430, layers)           # the reference itself
+    for groups in ([72, 2, 210], [18, 18, 18, 18, 2, 21, 21, 21, 21, 21, 21, 21, 21, 21, 21], [1] * 284):
+        steps = budget_steps(cfg, groups, layers)
+        spent = sum(k * n for k, n in zip(steps, groups))
+        assert abs(spent - target) <= min(groups) / 2 + 1e-9 or abs(spent - target) / target < 0.005, (groups, steps)
+    assert budget_steps(cfg, [72, 2, 210], layers) == [5, 1, 12]
+    with pytest.raises(QVLMError, match="group sizes"):
+        allocate_compute(10, [3, 0])
 
 
 def test_compute_budget_in_every_learned_method():
@@ -146,7 +163,8 @@ def test_compute_budget_in_every_learned_method():
     assert sum(b["iters"] for b in brecq.values()) == 17           # layer-wise: the compute budget is the step budget
     layers = [sum(isinstance(m, torch.nn.Linear) for m in b.module.modules()) for b in llava.blocks(model)]
     _, ada = blocks("adaround", iters=10)                          # single linears: cheaper steps, more of them
-    assert sum(s["iters"] for b in ada.values() for s in b.values()) == round(17 * sum(n * n for n in layers) / sum(layers))
+    assert sum(s["iters"] for b in ada.values() for s in b.values()) == sum(      # the layer-wise linear-steps
+        k * n for k, n in zip(allocate_steps(17, layers), layers))
     _, qv = blocks("qvlm", **{**KNOBS, "veo": False})
     sizes = [sum(layers[[b.key for b in llava.blocks(model)].index(k)] for k in blk) for blk in qv["partition"]]
     assert max(sizes) > max(layers) and qv["steps"] == sum(budget_steps(ReconConfig(budget=17, budget_unit="compute"), sizes, layers))
