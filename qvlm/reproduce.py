@@ -44,10 +44,12 @@ FULL_CELL_TIMEOUT = 8 * 3600   # seconds per cell in full mode: one cell of 03 /
 # budget (tests/test_notebooks.py). Every smoke run through `run_notebook` gets them -- the tests, `reproduce --mode
 # smoke` and notebook 07's upstream runs alike -- so the pinned references and the timed runs are one smoke run.
 SMOKE_PARAMETERS = {                                    # (2026-12-07, idle 2 cores: 04 138 s with its full ETAS, 98 s
-    "04_encoder_disentangling": {"ETAS": "1"},          # with "0,1"; 06 107 s with rtn,brecq,qvlm, 97 s with rtn,qvlm)
-    "06_triton_deployment": {"METHODS": "qvlm"},        # 04: the η sweep is ETA's point alone, the +VEO ablation row
-}                                                       # reused; 06: fake vs packed for the learned method, per kernel
-                                                        # family (the RTN packed model is section 4's)
+    "03_block_partitioning": {"PROFILE_BITS": "4"},     # with "0,1"; 06 107 s with rtn,brecq,qvlm, 97 s with rtn,qvlm;
+    "04_encoder_disentangling": {"ETAS": "1"},          # 03 91 s with the explorer's 4,6,8-bit profiles)
+    "06_triton_deployment": {"METHODS": "qvlm"},        # 03: the explorer's slider offers A_BITS only (the profile the
+}                                                       # partition uses); 04: the η sweep is ETA's point alone, the
+                                                        # +VEO ablation row reused; 06: fake vs packed for the learned
+                                                        # method, per kernel family (the RTN packed model is section 4's)
 
 
 def notebook_parameters(nb: Path, mode: str, out_dir: Path, parameters: dict | None = None) -> dict:
