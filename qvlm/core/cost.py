@@ -14,6 +14,8 @@ peak memory   see `peak_memory`: CUDA max allocated on a GPU, the peak-RSS incre
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import resource
 import time
 from dataclasses import dataclass
@@ -78,6 +80,22 @@ def measure(device, layer_type: type, block_types: tuple = ()):
     cost.peak_memory_bytes, cost.peak_memory_kind = mem["bytes"], mem["kind"]
 
 
+def _libc():
+    with contextlib.suppress(OSError, TypeError):
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    return None
+
+
+_LIBC = _libc()
+
+
+def release_free_memory() -> None:
+    """Hand the memory the C allocator keeps from freed tensors back to the OS (glibc `malloc_trim(0)`; a no-op
+    elsewhere). Without it a search that reuses what an earlier search freed raises no RSS: its peak reads ~0."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
 def _proc_status(field_name: str) -> int | None:
     with contextlib.suppress(OSError):
         for line in open("/proc/self/status"):
@@ -91,7 +109,9 @@ def peak_memory(device):
     """Measure peak memory of the enclosed code; yields a dict filled on exit with "bytes" and "kind":
 
     cuda_max_allocated : torch.cuda.max_memory_allocated() after reset_peak_memory_stats() (absolute, model included)
-    cpu_peak_rss_delta : Linux peak RSS (VmHWM, reset through /proc/self/clear_refs) minus RSS at entry
+    cpu_peak_rss_delta : Linux peak RSS (VmHWM, reset through /proc/self/clear_refs) minus RSS at entry, the
+                         allocator's freed memory released first (`release_free_memory`), so that what the enclosed
+                         code allocates shows even where an earlier search of the same process freed as much
     cpu_maxrss_delta   : fallback without /proc: getrusage ru_maxrss minus RSS-high-water at entry (0 if the process
                          had already peaked higher before)"""
     rec = {"bytes": 0, "kind": ""}
@@ -103,6 +123,7 @@ def peak_memory(device):
         torch.cuda.synchronize(dev)
         rec.update(bytes=int(torch.cuda.max_memory_allocated(dev)), kind="cuda_max_allocated")
         return
+    release_free_memory()
     reset = False
     with contextlib.suppress(OSError):
         with open("/proc/self/clear_refs", "w") as f:
