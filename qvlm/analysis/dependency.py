@@ -108,9 +108,9 @@ def joint_counts(ca: torch.Tensor, cb: torch.Tensor, k_a: int, k_b: int, pairing
 
 def token_summary(x: torch.Tensor, qcfg: QuantConfig, bits: int, module: nn.Module | None = None) -> torch.Tensor:
     """Per-token mean code magnitude round(mean_j |q_ij - z_i|) in 0..2^b-1: (N, C) activations -> (N,) long."""
-    scale, zp = act_step(x, qcfg, bits, module)
-    q = quantize(x.float(), scale, zp, bits, qcfg.a_symmetric)                 # (N, C) integer levels
-    return (q - zp).abs().mean(-1).round().clamp(0, 2 ** bits - 1).long()
+    scale, zero_point = act_step(x, qcfg, bits, module)
+    q = quantize(x.float(), scale, zero_point, bits, qcfg.a_symmetric)          # (N, C) integer levels
+    return (q - zero_point).abs().mean(-1).round().clamp(0, 2 ** bits - 1).long()
 
 
 # ------------------------------------------------------------------------------------------- collection (a)

@@ -163,14 +163,14 @@ def act_step(x: torch.Tensor, qcfg: QuantConfig, bits: int, module: nn.Module | 
     scale = getattr(module, "a_scale", None) if qcfg.a_granularity == "tensor" else None
     if scale is None:
         return act_qparams(x.float(), bits, qcfg.a_symmetric, qcfg.a_granularity)
-    zp = getattr(module, "a_zero_point", None)
-    return scale, torch.zeros_like(scale) if zp is None else zp
+    zero_point = getattr(module, "a_zero_point", None)
+    return scale, torch.zeros_like(scale) if zero_point is None else zero_point
 
 
 def act_codes(x: torch.Tensor, qcfg: QuantConfig, bits: int, module: nn.Module | None = None) -> torch.Tensor:
     """Codes (0..K-1) of a linear's input under qcfg's activation quantizer (see act_step)."""
-    scale, zp = act_step(x, qcfg, bits, module)
-    return codes(x, bits, qcfg.a_symmetric, qcfg.a_granularity, scale, zp)
+    scale, zero_point = act_step(x, qcfg, bits, module)
+    return codes(x, bits, qcfg.a_symmetric, qcfg.a_granularity, scale, zero_point)
 
 
 @torch.no_grad()

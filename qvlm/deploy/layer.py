@@ -74,8 +74,8 @@ class DeployedLinear(PackedLinear):
             self.zero_point = None
 
     def packed_weight(self) -> PackedWeight:
-        zp = self.zero_point if self.zero_point is not None else torch.zeros_like(self.scale)
-        return PackedWeight(self.qweight, self.scale, zp, self.w_bits, self.group_size, self.symmetric,
+        zero_point = self.zero_point if self.zero_point is not None else torch.zeros_like(self.scale)
+        return PackedWeight(self.qweight, self.scale, zero_point, self.w_bits, self.group_size, self.symmetric,
                             self.container_bits, self.in_features)
 
     def kernel_act_args(self) -> dict | None:
@@ -95,18 +95,18 @@ class DeployedLinear(PackedLinear):
     def act_codes(self, x2: torch.Tensor):
         """(M, K) activations -> int8 codes (M, K) and fp32 scale (M, 1), exactly as QuantLinear.quant_input."""
         if self.act == "static":                                 # calibrated per-tensor step (LSQ)
-            scale, zp = self.a_scale.abs().clamp_min(1e-8), self.a_zero_point
+            scale, zero_point = self.a_scale.abs().clamp_min(1e-8), self.a_zero_point
         elif self.act == "clip":                                 # dynamic range shrunk by a learned ratio
             per_token = self.a_granularity == "token"
             lo = x2.amin(dim=-1, keepdim=True) if per_token else x2.min()
             hi = x2.amax(dim=-1, keepdim=True) if per_token else x2.max()
             clip = self.a_clip.clamp(*CLIP_RANGE)
-            scale, zp = quant.qparams_from_minmax(lo.float() * clip, hi.float() * clip, self.a_bits, True)
+            scale, zero_point = quant.qparams_from_minmax(lo.float() * clip, hi.float() * clip, self.a_bits, True)
         else:                                                    # "tensor": dynamic, one range per tensor
-            scale, zp = quant.act_qparams(x2, self.a_bits, True, "tensor")
+            scale, zero_point = quant.act_qparams(x2, self.a_bits, True, "tensor")
         scale = scale.to(x2.dtype)
-        zp = torch.zeros_like(scale) if zp is None else zp.to(x2.dtype)
-        q = quant.quantize(x2, scale, zp, self.a_bits, symmetric=True).to(torch.int8)      # (M, K)
+        zero_point = torch.zeros_like(scale) if zero_point is None else zero_point.to(x2.dtype)
+        q = quant.quantize(x2, scale, zero_point, self.a_bits, symmetric=True).to(torch.int8)  # (M, K)
         return q, scale.float().reshape(-1, 1).expand(x2.shape[0], 1).contiguous()         # (M, 1)
 
     def rotate(self, x2: torch.Tensor) -> torch.Tensor:
@@ -126,10 +126,10 @@ class DeployedLinear(PackedLinear):
             x2 = self.rotate(x2)
         if self.input_scale is not None:
             x2 = x2 / self.input_scale.to(x2.dtype)              # smoothing (weight holds W * input_scale)
-        zp = None if self.symmetric else self.zero_point
+        zero_point = None if self.symmetric else self.zero_point
         if self.mode == "w4a16":
-            y = (w4a16_matmul(x2, self.qweight, self.scale, zp, self.symmetric) if launch
-                 else w4a16_ref(x2, self.qweight, self.scale, zp, self.symmetric))
+            y = (w4a16_matmul(x2, self.qweight, self.scale, zero_point, self.symmetric) if launch
+                 else w4a16_ref(x2, self.qweight, self.scale, zero_point, self.symmetric))
         else:
             pack = self.mode == "w4a4"                                          # int4 codes two per byte
             kw = self.kernel_act_args()
@@ -141,10 +141,10 @@ class DeployedLinear(PackedLinear):
             else:
                 a, a_scale = act_quant_ref(x2, self.a_bits, pack=pack, **kw)
             if pack:
-                y = (w4a4_matmul if launch else w4a4_ref)(a, a_scale, self.qweight, self.scale, zp,
+                y = (w4a4_matmul if launch else w4a4_ref)(a, a_scale, self.qweight, self.scale, zero_point,
                                                           self.symmetric, out_dtype=x.dtype)
             else:
-                y = (w8a8_matmul if launch else w8a8_ref)(a, a_scale, self.qweight, self.scale, zp,
+                y = (w8a8_matmul if launch else w8a8_ref)(a, a_scale, self.qweight, self.scale, zero_point,
                                                           out_dtype=x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
