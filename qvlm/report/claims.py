@@ -263,6 +263,8 @@ def claim_veo(m: dict | None, run: dict | None = None) -> dict:
 
 def claim_accuracy(m: dict | None, setting: str, run: dict | None = None) -> dict:
     """05: Q-VLM within MAX_DROP[setting] of FP; at W4A4 also above every baseline run (non-overlapping intervals)."""
+    if setting not in MAX_DROP:
+        raise ValueError(f"no accuracy target for {setting}: claim_accuracy takes one of {', '.join(MAX_DROP)}")
     key, drop_max = f"accuracy_{setting.lower()}", MAX_DROP[setting]
     claim = f"{setting}: Q-VLM within {_pts(drop_max)} of FP" + (" and above every baseline" * (setting == "W4A4"))
     paper = ("80.78 % SQA avg, LLaVA-13B W4A4 (the one recovered cell), above AWQ and QLoRA" if setting == "W4A4"

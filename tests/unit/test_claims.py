@@ -54,6 +54,11 @@ def test_w4a4_without_baselines_is_not_measurable():
     assert C.claim_accuracy(None, "W4A4")["verdict"] == NM
 
 
+def test_a_setting_without_a_target_is_refused_by_name():
+    with pytest.raises(ValueError, match="no accuracy target for W4A8"):
+        C.claim_accuracy(m05([("W4A8", "qvlm", 0.90, 0.0)]), "W4A8")
+
+
 @pytest.mark.parametrize("setting,fp,q,want", [
     ("W8A8", 0.891, 0.886, R), ("W8A8", 0.891, 0.885, NR), ("W6A6", 0.90, 0.89, R), ("W6A6", 0.90, 0.889, NR),
     ("W6A6", 0.90, 0.95, R)])
