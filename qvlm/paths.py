@@ -6,6 +6,7 @@ DATA_DIR = REPO_ROOT / "data"
 TINY_DIR = DATA_DIR / "tiny"            # the shipped testbed checkpoint (save_pretrained layout)
 RESULTS_DIR = REPO_ROOT / "results"
 ROWS_DIR = RESULTS_DIR / "rows"          # finished grid rows kept for resuming (qvlm.experiments.RowCache)
+PUBLISHED = RESULTS_DIR / "published"    # committed full-mode runs: executed notebooks, metrics/<stem>.json, figures
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 

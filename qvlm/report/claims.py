@@ -12,7 +12,8 @@ intervals over calibration seeds not to overlap; overlapping intervals are "tied
 model its numbers come from: smoke-mode rows check the pipeline on tiny sizes, they are not results.
 
 Sources: `<dir>/metrics.json` of each notebook (`qvlm.report.save`), `<dir>` = `results/<stem>/<MODE>` or
-`<SOURCES>/<stem>`. Kernel speed: a stored GPU run of `python -m bench.kernels` (`results/gpu/*.json`).
+`<SOURCES>/<stem>`; in full mode without a local run, the published copy `results/published/metrics/<stem>.json`
+(what `make reproduce` committed; a fresh clone has only these). Kernel speed: a stored GPU run of `python -m bench.kernels` (`results/gpu/*.json`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import QVLMError
-from ..paths import RESULTS_DIR
+from ..paths import PUBLISHED, REPO_ROOT, RESULTS_DIR
 from .stats import order
 
 UPSTREAM = ("00_testbed", "01_activation_entropy", "02_cross_layer_dependency", "03_block_partitioning",
@@ -60,18 +61,29 @@ def upstream_dir(stem: str, sources: str = "", mode: str = "full") -> Path:
     return Path(sources) / stem if sources else RESULTS_DIR / stem / mode
 
 
+def upstream_metrics_path(stem: str, sources: str = "", mode: str = "full") -> Path | None:
+    """The metrics.json notebook `stem`'s numbers are read from: its own run's (`upstream_dir`), else -- full mode,
+    no SOURCES -- the published copy; None if neither exists."""
+    own = upstream_dir(stem, sources, mode) / "metrics.json"
+    published = PUBLISHED / "metrics" / f"{stem}.json"
+    if own.exists():
+        return own
+    return published if not sources and mode == "full" and published.exists() else None
+
+
 def missing_upstream(sources: str = "", mode: str = "full", stems=UPSTREAM) -> list[str]:
-    """The stems whose metrics.json does not exist yet."""
-    return [s for s in stems if not (upstream_dir(s, sources, mode) / "metrics.json").exists()]
+    """The stems with no metrics.json to read (`upstream_metrics_path`)."""
+    return [s for s in stems if upstream_metrics_path(s, sources, mode) is None]
 
 
 def load_upstream(sources: str = "", mode: str = "full", model: str = "", stems=UPSTREAM) -> dict:
-    """{stem: metrics.json content or None if missing}. A present file from another MODE (or MODEL, when given)
-    is an error: a claims table must not mix smoke and full numbers, or two models."""
+    """{stem: metrics.json content, plus "source" (the file, relative to the repository), or None if missing}. A
+    present file from another MODE (or MODEL, when given) is an error: a claims table must not mix smoke and full
+    numbers, or two models."""
     out = {}
     for stem in stems:
-        path = upstream_dir(stem, sources, mode) / "metrics.json"
-        if not path.exists():
+        path = upstream_metrics_path(stem, sources, mode)
+        if path is None:
             out[stem] = None
             continue
         m = json.loads(path.read_text())
@@ -82,14 +94,19 @@ def load_upstream(sources: str = "", mode: str = "full", model: str = "", stems=
         if model and cfg.get("model") not in (None, model):
             raise QVLMError(f"{path} was measured on model {cfg.get('model')!r}, not {model!r}",
                             f"point SOURCES at outputs for MODEL={model}")
-        out[stem] = m
+        out[stem] = m | {"source": str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)}
     return out
 
 
 def upstream_table(stem: str, name: str, sources: str = "", mode: str = "full"):
-    """One CSV table an upstream notebook saved (`<dir>/<name>.csv`) as a DataFrame, or None if absent."""
+    """One table an upstream notebook saved, as a DataFrame: its CSV (`<dir>/<name>.csv`), else the records of the
+    same name in the metrics it saved (how a published copy carries it); None if neither has it."""
     path = upstream_dir(stem, sources, mode) / f"{name}.csv"
-    return pd.read_csv(path) if path.exists() else None
+    if path.exists():
+        return pd.read_csv(path)
+    mpath = upstream_metrics_path(stem, sources, mode)
+    records = (json.loads(mpath.read_text()).get("metrics") or {}).get(name) if mpath else None
+    return pd.DataFrame(records) if isinstance(records, list) and records else None
 
 
 def provenance(upstream: dict) -> pd.DataFrame:
@@ -97,7 +114,7 @@ def provenance(upstream: dict) -> pd.DataFrame:
     rows = []
     for stem, m in upstream.items():
         c = (m or {}).get("config") or {}
-        rows.append(dict(notebook=stem, present=m is not None, mode=c.get("mode"), preset=c.get("preset"),
+        rows.append(dict(notebook=stem, present=m is not None, source=(m or {}).get("source"), mode=c.get("mode"), preset=c.get("preset"),
                          model=c.get("model"), seed=c.get("seed"), n_seeds=c.get("n_seeds"),
                          n_calib=c.get("n_calib"), n_eval=c.get("n_eval") or "all", iters=c.get("iters")))
     return pd.DataFrame(rows)

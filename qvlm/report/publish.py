@@ -28,11 +28,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..paths import RESULTS_DIR, notebooks
+from ..paths import PUBLISHED, RESULTS_DIR, notebooks
 from ..provenance import code_hash, git_commit
 from ..utils import atomic_write_json
 
-PUBLISHED = RESULTS_DIR / "published"
 SIZE_BUDGET = 10 * 2 ** 20           # bytes: executed notebooks + figures
 MAX_WIDTH = 1400                     # figures are downscaled to at most this many pixels wide
 

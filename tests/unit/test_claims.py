@@ -218,6 +218,30 @@ def test_load_upstream_refuses_other_modes_and_models(tmp_path):
     assert C.upstream_table("00_testbed", "nothing", str(tmp_path), "smoke") is None
 
 
+def test_full_mode_reads_a_published_copy_when_there_is_no_local_run(tmp_path, monkeypatch):
+    """A fresh clone has only results/published/metrics/<stem>.json: full mode reads those (a local run wins), tables
+    come from the records of the same name inside them; smoke mode and explicit SOURCES never fall back."""
+    results, pub = tmp_path / "results", tmp_path / "published"
+    monkeypatch.setattr(C, "RESULTS_DIR", results)
+    monkeypatch.setattr(C, "PUBLISHED", pub)
+    (pub / "metrics").mkdir(parents=True)
+    published = {"config": {"mode": "full", "model": "smol"}, "metrics": {"eta_sweep": [{"eta": 1.0, "acc": 0.4}]}}
+    (pub / "metrics" / "04_encoder_disentangling.json").write_text(json.dumps(published))
+    assert "04_encoder_disentangling" not in C.missing_upstream("", "full")
+    assert "04_encoder_disentangling" in C.missing_upstream("", "smoke")
+    assert "04_encoder_disentangling" in C.missing_upstream(str(tmp_path / "elsewhere"), "full")
+    up = C.load_upstream("", "full", model="smol")
+    assert up["04_encoder_disentangling"]["source"].endswith("published/metrics/04_encoder_disentangling.json")
+    assert C.upstream_table("04_encoder_disentangling", "eta_sweep").to_dict("records") == [{"eta": 1.0, "acc": 0.4}]
+    assert C.upstream_table("04_encoder_disentangling", "nothing") is None
+    own = results / "04_encoder_disentangling" / "full"
+    own.mkdir(parents=True)
+    (own / "metrics.json").write_text(json.dumps({"config": {"mode": "full", "model": "smol"}, "metrics": {}}))
+    assert C.load_upstream("", "full")["04_encoder_disentangling"]["metrics"] == {}         # the local run wins
+    assert C.provenance(C.load_upstream("", "full")).set_index("notebook").loc["04_encoder_disentangling", "source"] \
+        == str(own / "metrics.json")
+
+
 def test_claims_markdown_escapes_pipes():
     t = C.claims_table({s: None for s in C.UPSTREAM}, [])
     md = C.claims_markdown(t.to_dict("records"))
